@@ -1,0 +1,52 @@
+"""The whole DeeDSR model: learner, adapter, modulated UNet and VAE under one config."""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from ..config import DeeDSRConfig
+from .adapter import DegradationAwareAdapter
+from .learner import DegradationLearner
+from .unet import ModulatedUNet
+
+COMPONENTS = ("learner", "adapter", "unet", "vae")
+
+
+class DeeDSR(nn.Module):
+    def __init__(self, config: DeeDSRConfig):
+        super().__init__()
+        self.config = config
+        self.learner = DegradationLearner(config.learner)
+        self.adapter = DegradationAwareAdapter(config.adapter)
+        self.unet = ModulatedUNet(config.unet, config.adapter.local_channels, config.modulation_hidden)
+        self.vae = AutoencoderKL(**config.vae)
+        self.vae.set_default_attn_processor()
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.config.vae["scaling_factor"])
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent mean (deterministic)."""
+        return self.vae.encode(image).latent_dist.mean * self.scaling_factor
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image in [-1, 1] (not clamped)."""
+        return self.vae.decode(latent / self.scaling_factor).sample
+
+    def denoise(self, x_t, t, z_lr, conditions) -> torch.Tensor:
+        """One epsilon prediction: adapter then modulated UNet."""
+        local, tokens = self.adapter(z_lr, t, conditions)
+        return self.unet(x_t, t, tokens, local)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "DeeDSR":
+        from ..checkpoints import load_checkpoint
+
+        return load_checkpoint(path, **kwargs)
+
+    def save_pretrained(self, path) -> None:
+        from ..checkpoints import save_checkpoint
+
+        save_checkpoint(self, path)

@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+from skimage import data
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    import torch
+
+    from deedsr.config import preset
+    from deedsr.models import DeeDSR
+
+    torch.manual_seed(0)
+    model = DeeDSR(preset("tiny")).eval()
+    # Untrained modulation is identity; give it weights so the tests exercise it.
+    with torch.no_grad():
+        for m in model.unet.modulation:
+            m.gamma.weight.normal_(0, 0.02)
+            m.beta.weight.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A real photo from scikit-image, 48x40 (an LR input)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(data.coffee()).resize((48, 40), Image.BICUBIC))
