@@ -1,0 +1,180 @@
+"""Reference sampler: LR image -> x4 SR image with the PyTorch model.
+
+Random numbers come only from `numpy.random.Generator(numpy.random.PCG64(seed))`, one
+generator per image, drawn in this order (every draw `standard_normal(shape, float32)`
+with shape (1, 4, h, w), the whole padded latent):
+  1. the initial noise x_T (also used by the LR initialisation);
+  2. at every DDIM step, when eta > 0, the step's variance noise, after the step's epsilon.
+Tiles never draw: noise is drawn for the whole latent, so the tile size does not change
+the result's randomness. The numpy runtime draws in the same order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .color import color_fix
+from .config import SamplerConfig
+from .models import DeeDSR
+from .schedule import make_scheduler
+from .tiling import gaussian_weights, tiles
+
+INITS = ("noise", "lr")
+
+
+class Cancelled(Exception):
+    """Raised when a step callback returns False."""
+
+
+@dataclass
+class StepInfo:
+    index: int
+    steps: int
+    timestep: int
+    guided: bool
+
+
+def bicubic_upscale(image: np.ndarray, scale: int) -> np.ndarray:
+    """float32 HxWx3 in [0, 1] -> (scale*H)x(scale*W)x3, Pillow's bicubic on each float channel."""
+    h, w = image.shape[:2]
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize(
+            (w * scale, h * scale), Image.BICUBIC
+        ))
+        for c in range(image.shape[2])
+    ]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """Reflect-pad the bottom and right of HxWxC so both sides are multiples of `multiple`."""
+    h, w = image.shape[:2]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return image
+    mode = "reflect" if ph < h and pw < w else "symmetric"
+    return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode)
+
+
+def check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ValueError("expected a uint8 numpy array")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB image of shape HxWx3, got {image.shape}")
+    if min(image.shape[:2]) < 8:
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}; each side must be at least 8 pixels")
+
+
+class DeeDSRPipeline:
+    """`pipe(lr_uint8_hwc, seed=0) -> sr_uint8_hwc` with the reference PyTorch model."""
+
+    def __init__(self, model: DeeDSR, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.config = model.config
+
+    def sampler_config(self, **overrides) -> SamplerConfig:
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "noise_guidance_steps" in overrides:
+            overrides["noise_guidance_steps"] = tuple(overrides["noise_guidance_steps"])
+        cfg = replace(self.config.sampler, **overrides)
+        if cfg.init not in INITS:
+            raise ValueError(f"unknown init '{cfg.init}'; choose one of {', '.join(INITS)}")
+        if not 0.0 <= cfg.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {cfg.eta}")
+        if cfg.tile % self.config.latent_multiple:
+            raise ValueError(f"tile must be a multiple of {self.config.latent_multiple}, got {cfg.tile}")
+        return cfg
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: np.ndarray,
+        *,
+        seed: int = 0,
+        callback: Callable[[StepInfo], bool | None] | None = None,
+        **overrides,
+    ) -> np.ndarray:
+        check_image(image)
+        cfg = self.sampler_config(**overrides)
+        model, scale = self.model, self.config.upscale
+        rng = np.random.Generator(np.random.PCG64(seed))
+        h, w = image.shape[:2]
+
+        lr = image.astype(np.float32) / 255.0
+        pixel_multiple = self.config.latent_multiple * self.config.latent_downscale // scale
+        upscaled = bicubic_upscale(pad_to_multiple(lr, pixel_multiple), scale)
+        up = self._to_tensor(upscaled)
+        z_lr = model.encode(up * 2 - 1)
+        d = model.learner(self._to_tensor(lr))
+        conditions = model.adapter.condition(d)
+
+        latent = self.sample(z_lr, conditions, cfg, rng, callback)
+        sr = (model.decode(latent).clamp(-1, 1) + 1) / 2
+        sr = color_fix(sr, up, cfg.color_fix).clamp(0, 1)
+        sr = sr[0].permute(1, 2, 0).cpu().numpy()[: h * scale, : w * scale]
+        return np.round(sr * 255.0).astype(np.uint8)
+
+    def _to_tensor(self, hwc: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None].to(self.device)
+
+    def _noise(self, rng: np.random.Generator, shape) -> torch.Tensor:
+        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(self.device)
+
+    def sample(self, z_lr, conditions, cfg: SamplerConfig, rng, callback=None) -> torch.Tensor:
+        """DDIM from x_T to x_0 on the whole latent; returns the scaled latent x_0."""
+        scheduler = make_scheduler(self.config.scheduler, cfg.steps)
+        abar = scheduler.alphas_cumprod.to(self.device)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        guided = {i if i >= 0 else len(timesteps) + i for i in cfg.noise_guidance_steps}
+
+        noise = self._noise(rng, z_lr.shape)
+        if cfg.init == "lr":
+            a = abar[timesteps[0]]
+            x = a.sqrt() * z_lr + (1 - a).sqrt() * noise
+        else:
+            x = noise
+        for i, t in enumerate(timesteps):
+            a = abar[t]
+            if i in guided:
+                eps = (x - a.sqrt() * z_lr) / (1 - a).sqrt()
+            else:
+                eps = self.predict_noise(x, t, z_lr, conditions, cfg)
+            variance_noise = self._noise(rng, x.shape) if cfg.eta > 0 else None
+            x = scheduler.step(eps, t, x, eta=cfg.eta, variance_noise=variance_noise).prev_sample
+            if callback is not None and callback(StepInfo(i, len(timesteps), t, i in guided)) is False:
+                raise Cancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
+        return x
+
+    def predict_noise(self, x, t: int, z_lr, conditions, cfg: SamplerConfig) -> torch.Tensor:
+        """Epsilon over the whole latent: one model call per tile, Gaussian-blended."""
+        _, _, height, width = x.shape
+        layout = tiles(height, width, cfg.tile, cfg.tile_overlap)
+        if len(layout) == 1:
+            return self.model.denoise(x, self._timestep(t, x.shape[0]), z_lr, conditions)
+        eps = torch.zeros_like(x)
+        total = torch.zeros_like(x[:, :1])
+        for top, left, th, tw in layout:
+            window = (slice(None), slice(None), slice(top, top + th), slice(left, left + tw))
+            out = self.model.denoise(x[window], self._timestep(t, x.shape[0]), z_lr[window], conditions)
+            weight = torch.from_numpy(gaussian_weights(th, tw)).to(x)
+            eps[window] += out * weight
+            total[window] += weight
+        return eps / total
+
+    def _timestep(self, t: int, batch: int) -> torch.Tensor:
+        return torch.full((batch,), float(t), device=self.device)
+
+
+def latent_shape(config, height: int, width: int) -> tuple[int, int]:
+    """Latent (h, w) the sampler uses for an LR image of height x width."""
+    scale, down = config.upscale, config.latent_downscale
+    multiple = config.latent_multiple * down // scale
+    ph, pw = math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
+    return ph * scale // down, pw * scale // down

@@ -1,0 +1,31 @@
+"""The DDIM schedule of DeeDSR, as diffusers' DDIMScheduler defines it."""
+from __future__ import annotations
+
+import numpy as np
+from diffusers import DDIMScheduler
+
+from .config import SchedulerConfig
+
+
+def make_scheduler(config: SchedulerConfig, steps: int) -> DDIMScheduler:
+    """scaled-linear betas, epsilon prediction, t = 981, 961, ..., 1 for 50 steps."""
+    if steps < 1 or steps > config.num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{config.num_train_timesteps}, got {steps}")
+    scheduler = DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule=config.beta_schedule,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """The training schedule's cumulative alphas (float64), what a runtime needs to rebuild DDIM."""
+    return make_scheduler(config, 1).alphas_cumprod.double().numpy()
