@@ -1,0 +1,112 @@
+"""DeeDSR checkpoints: a folder with config.json and one safetensors file per component.
+
+Loading checks every tensor (missing, unexpected, mis-shaped) and names the file at
+fault. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import DeeDSRConfig
+from .models.model import COMPONENTS, DeeDSR
+
+CONFIG_NAME = "config.json"
+FORMAT = "deedsr-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used; the message names the file at fault."""
+
+
+def component_file(path: str | Path, component: str) -> Path:
+    return Path(path) / f"{component}.safetensors"
+
+
+def save_checkpoint(model: DeeDSR, path: str | Path) -> Path:
+    """Write atomically: into a temporary sibling folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict()}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        for name in COMPONENTS:
+            state = {k: v.detach().contiguous().cpu() for k, v in getattr(model, name).state_dict().items()}
+            save_file(state, str(component_file(tmp, name)), metadata={"component": name})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | Path) -> DeeDSRConfig:
+    path = Path(path)
+    file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (is {path} a DeeDSR checkpoint?)")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not a DeeDSR checkpoint config")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: checkpoint format version {meta.get('version')}, this deedsr reads {FORMAT_VERSION}"
+        )
+    try:
+        return DeeDSRConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: bad config ({e})") from None
+
+
+def load_state(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError on the first missing, unexpected or mis-shaped tensor."""
+    expected = module.state_dict()
+    for key, ref in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{where}: missing tensor '{key}'")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{where}: tensor '{key}' has shape {tuple(state[key].shape)}, "
+                f"the config needs {tuple(ref.shape)}"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor '{extra[0]}' ({len(extra)} in all)")
+
+
+def load_checkpoint(path: str | Path, components: tuple[str, ...] = COMPONENTS) -> DeeDSR:
+    """Build the model from config.json and load the named components' weights."""
+    path = Path(path)
+    model = DeeDSR(read_config(path))
+    for name in components:
+        file = component_file(path, name)
+        state = load_state(file)
+        module = getattr(model, name)
+        check_state(module, state, str(file))
+        module.load_state_dict(state)
+    return model.eval()
