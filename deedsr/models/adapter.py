@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
@@ -75,10 +75,10 @@ class DegradationAwareAdapter(nn.Module):
             eps=1e-5,
             residual_connection=True,
             bias=True,
-            upcast_softmax=True,
             _from_deprecated_attn_block=True,
         )
         _zero(attn.to_out[0])
+        attn.set_processor(AttnProcessor())  # plain math: traces without dtype casts
         return attn
 
     @property

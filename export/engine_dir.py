@@ -1,0 +1,211 @@
+"""Write an engine directory: every graph as checked ONNX (fp32 and/or fp16) plus manifest.json."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from deedsr import __version__
+from deedsr.models import DeeDSR
+from deedsr.schedule import alphas_cumprod
+
+from . import onnx_io, trt_ops
+from .graphs import condition_names, graph_specs
+
+SCHEMA = "deedsr-engine"
+SCHEMA_VERSION = 1
+PRECISIONS = ("fp32", "fp16")
+MIN_OPSET, MAX_OPSET = 14, 17
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; one line that says why."""
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_batch: int) -> dict:
+    """min/opt/max of every named dimension, from LR side limits and the latent tile."""
+    cfg = model.config
+    scale, down, mult = cfg.upscale, cfg.latent_downscale, cfg.latent_multiple
+    pixel = mult * down // scale
+    if tile % mult:
+        raise ExportError(f"--tile must be a multiple of {mult}, got {tile}")
+    if not 8 <= min_size <= max_size:
+        raise ExportError(f"need 8 <= --min-size <= --max-size, got {min_size} and {max_size}")
+    if max_batch < 1:
+        raise ExportError("--max-batch must be at least 1")
+    opt_lr = min(max(tile * down // scale, min_size), max_size)
+    lr = {"min": min_size, "opt": opt_lr, "max": max_size}
+    image = {k: _round_up(v, pixel) * scale for k, v in lr.items()}
+    latent = {k: v // down for k, v in image.items()}
+    tiles = {"min": min(latent["min"], tile), "opt": min(latent["opt"], tile), "max": tile}
+    dims = {"batch": {"min": 1, "opt": 1, "max": max_batch}}
+    for name, rng in (("lr", lr), ("image", image), ("latent", latent), ("tile", tiles)):
+        dims[f"{name}_height"] = dict(rng)
+        dims[f"{name}_width"] = dict(rng)
+    return dims
+
+
+def export_engine_dir(
+    model: DeeDSR,
+    out: str | Path,
+    *,
+    precisions: tuple[str, ...] = PRECISIONS,
+    opset: int = 17,
+    tile: int | None = None,
+    min_size: int = 16,
+    max_size: int = 512,
+    max_batch: int = 4,
+    fuse_denoiser: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """`progress(name)` is called as each graph is done.
+
+    Build in a temporary sibling folder and rename it to `out`: never a half-built directory."""
+    out = Path(out)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (TensorRT 8.5 parses up to 17)")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ExportError(f"unknown precision {bad or precisions}; choose from {', '.join(PRECISIONS)}")
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    tile = tile or model.config.sampler.tile
+    dims = compute_dims(model, tile, min_size, max_size, max_batch)
+    model = model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        graphs = {}
+        for spec in graph_specs(model, fuse_denoiser):
+            graphs[spec.name] = _export_one(spec, tmp, dims, precisions, opset)
+            if progress:
+                progress(spec.name)
+        manifest = build_manifest(model, dims, graphs, opset, tile)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_one(spec, root: Path, dims: dict, precisions, opset: int) -> dict:
+    height, width = _example_dims(spec.name, dims)
+    torch.manual_seed(0)
+    example = spec.example(2, height, width)
+    entry = {
+        "stage": spec.stage,
+        "inputs": [{"name": n, "shape": s} for n, s in spec.inputs],
+        "outputs": [{"name": n, "shape": s} for n, s in spec.outputs],
+        "precisions": {},
+    }
+    (root / "fp32").mkdir(exist_ok=True)
+    fp32 = onnx_io.export_graph(spec, root / "fp32" / f"{spec.name}.onnx", example, opset)
+    variants = {"fp32": fp32}
+    if "fp16" in precisions:
+        variants["fp16"] = onnx_io.to_fp16(fp32)
+    for precision in precisions:
+        folder = root / precision
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{spec.name}.onnx"
+        data = onnx_io.save(variants[precision], path)
+        onnx_io.check(path)
+        ops = onnx_io.operators(variants[precision])
+        missing = trt_ops.unsupported(ops)
+        if missing:
+            raise ExportError(f"graph {spec.name} uses operators TensorRT cannot parse: {', '.join(missing)}")
+        files = [path] + ([data] if data else [])
+        entry["precisions"][precision] = {
+            "file": f"{precision}/{path.name}",
+            "external_data": f"{precision}/{data.name}" if data else None,
+            "bytes": sum(f.stat().st_size for f in files),
+            "sha256": onnx_io.sha256_file(*files),
+            "dtypes": onnx_io.io_dtypes(variants[precision]),
+            "operators": ops,
+            "min_tensorrt": trt_ops.min_tensorrt(ops),
+        }
+    if "fp32" not in precisions:
+        shutil.rmtree(root / "fp32", ignore_errors=True)
+    return entry
+
+
+def _example_dims(name: str, dims: dict) -> tuple[int, int]:
+    prefix = {"degradation_learner": "lr", "vae_encoder": "image", "vae_decoder": "latent"}.get(name, "tile")
+    return dims[f"{prefix}_height"]["opt"], dims[f"{prefix}_width"]["opt"]
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+
+    versions = {"deedsr": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    for name in ("onnxscript", "onnxconverter_common"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            pass
+    return versions
+
+
+def build_manifest(model: DeeDSR, dims: dict, graphs: dict, opset: int, tile: int) -> dict:
+    cfg = model.config
+    sched = cfg.scheduler
+    sampler = cfg.sampler
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created_by": _versions(),
+        "opset": opset,
+        "model": {"preset": cfg.preset, "config": cfg.to_dict(), "weights_sha256": onnx_io.weights_sha256(model)},
+        "image": {
+            "upscale": cfg.upscale,
+            "latent_downscale": cfg.latent_downscale,
+            "latent_multiple": cfg.latent_multiple,
+            "latent_channels": cfg.vae["latent_channels"],
+            "pixel_multiple": cfg.latent_multiple * cfg.latent_downscale // cfg.upscale,
+        },
+        "vae": {"scaling_factor": float(cfg.vae["scaling_factor"])},
+        "scheduler": {
+            "num_train_timesteps": sched.num_train_timesteps,
+            "beta_schedule": sched.beta_schedule,
+            "beta_start": sched.beta_start,
+            "beta_end": sched.beta_end,
+            "prediction_type": "epsilon",
+            "timestep_spacing": "leading",
+            "steps_offset": 1,
+            "set_alpha_to_one": False,
+            "alphas_cumprod": [float(a) for a in alphas_cumprod(sched)],
+        },
+        "sampler": {
+            "steps": sampler.steps,
+            "eta": sampler.eta,
+            "noise_guidance_steps": list(sampler.noise_guidance_steps),
+            "init": sampler.init,
+            "tile": tile,
+            "tile_overlap": min(sampler.tile_overlap, tile // 2),
+            "tile_weight_variance": 0.01,
+            "color_fix": sampler.color_fix,
+        },
+        "dims": dims,
+        "conditions": condition_names(model),
+        "graphs": graphs,
+    }

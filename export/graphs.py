@@ -1,0 +1,180 @@
+"""The graphs of an engine directory as torch modules with flat, named inputs and outputs.
+
+Each spec says, for one graph, which module to trace, the names and symbolic shapes of its
+inputs and outputs, and how to make example inputs of a given size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from deedsr.models import DeeDSR
+
+GRAPH_ORDER = ("degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder", "denoiser")
+
+
+def condition_names(model: DeeDSR) -> list[str]:
+    levels = len(model.adapter.da_blocks)
+    return [f"da{level}_{kind}{k}" for level in range(levels) for k in (1, 2) for kind in ("kernel", "scale")]
+
+
+def condition_shapes(model: DeeDSR) -> list[list]:
+    shapes = []
+    for ch in model.config.adapter.level_channels:
+        for _ in (1, 2):
+            shapes += [["batch", ch, 3, 3], ["batch", ch]]
+    return shapes
+
+
+class LearnerGraph(nn.Module):
+    """LR -> degradation vector and every adapter input that depends only on it."""
+
+    def __init__(self, model: DeeDSR):
+        super().__init__()
+        self.learner, self.adapter = model.learner, model.adapter
+
+    def forward(self, lr):
+        d = self.learner(lr)
+        return (d, *self.adapter.condition(d))
+
+
+class VaeEncoderGraph(nn.Module):
+    def __init__(self, model: DeeDSR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.encode(image)
+
+
+class VaeDecoderGraph(nn.Module):
+    def __init__(self, model: DeeDSR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent):
+        return self.model.decode(latent)
+
+
+class AdapterGraph(nn.Module):
+    def __init__(self, model: DeeDSR):
+        super().__init__()
+        self.adapter = model.adapter
+
+    def forward(self, z_lr, timestep, *conditions):
+        local, tokens = self.adapter(z_lr, timestep, list(conditions))
+        return (*local, tokens)
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, model: DeeDSR):
+        super().__init__()
+        self.unet = model.unet
+
+    def forward(self, x_t, timestep, tokens, *local):
+        return self.unet(x_t, timestep, tokens, list(local))
+
+
+class DenoiserGraph(nn.Module):
+    """Adapter and UNet fused: one graph per step."""
+
+    def __init__(self, model: DeeDSR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t, timestep, z_lr, *conditions):
+        return self.model.denoise(x_t, timestep, z_lr, list(conditions))
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    stage: str  # "per_image" | "per_step"
+    module: nn.Module
+    inputs: list[tuple[str, list]]
+    outputs: list[tuple[str, list]]
+    example: Callable[[int, int, int], tuple[torch.Tensor, ...]]  # (batch, height, width) in the graph's own dims
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for name, shape in self.inputs + self.outputs:
+            named = {i: str(d).replace("*", "x").replace("/", "_") for i, d in enumerate(shape) if isinstance(d, str)}
+            if named:
+                axes[name] = named
+        return axes
+
+
+def graph_specs(model: DeeDSR, fuse_denoiser: bool = False) -> list[GraphSpec]:
+    cfg = model.config
+    ad = cfg.adapter
+    lat = cfg.vae["latent_channels"]
+    conds = list(zip(condition_names(model), condition_shapes(model)))
+    levels = len(ad.level_channels)
+    local = [
+        (f"local_{i}", ["batch", ad.local_channels, f"tile_height/{2**i}", f"tile_width/{2**i}"])
+        for i in range(levels)
+    ]
+    m = cfg.latent_multiple
+    tokens = ("tokens", ["batch", f"tile_height/{m}*tile_width/{m}", ad.token_dim])
+    down = cfg.latent_downscale
+    tile = ["batch", lat, "tile_height", "tile_width"]
+    timestep = ("timestep", ["batch"])
+
+    def randn(*shape):
+        return torch.randn(*shape)
+
+    def cond_examples(b):
+        d = torch.randn(b, ad.degradation_dim)
+        with torch.no_grad():
+            return tuple(model.adapter.condition(d))
+
+    def t_example(b):
+        return torch.full((b,), 481.0)
+
+    def local_examples(b, h, w):
+        return tuple(randn(b, ad.local_channels, h // 2**i, w // 2**i) for i in range(levels))
+
+    specs = [
+        GraphSpec(
+            "degradation_learner", "per_image", LearnerGraph(model),
+            [("lr", ["batch", 3, "lr_height", "lr_width"])],
+            [("degradation", ["batch", ad.degradation_dim])] + conds,
+            lambda b, h, w: (torch.rand(b, 3, h, w),),
+        ),
+        GraphSpec(
+            "vae_encoder", "per_image", VaeEncoderGraph(model),
+            [("image", ["batch", 3, "image_height", "image_width"])],
+            [("latent", ["batch", lat, f"image_height/{down}", f"image_width/{down}"])],
+            lambda b, h, w: (torch.rand(b, 3, h, w) * 2 - 1,),
+        ),
+        GraphSpec(
+            "adapter", "per_step", AdapterGraph(model),
+            [("z_lr", tile), timestep] + conds,
+            local + [tokens],
+            lambda b, h, w: (randn(b, lat, h, w), t_example(b), *cond_examples(b)),
+        ),
+        GraphSpec(
+            "unet", "per_step", UNetGraph(model),
+            [("x_t", tile), timestep, tokens] + local,
+            [("eps", tile)],
+            lambda b, h, w: (randn(b, lat, h, w), t_example(b), randn(b, (h // m) * (w // m), ad.token_dim),
+                             *local_examples(b, h, w)),
+        ),
+        GraphSpec(
+            "vae_decoder", "per_image", VaeDecoderGraph(model),
+            [("latent", ["batch", lat, "latent_height", "latent_width"])],
+            [("image", ["batch", 3, f"latent_height*{down}", f"latent_width*{down}"])],
+            lambda b, h, w: (randn(b, lat, h, w),),
+        ),
+    ]
+    if fuse_denoiser:
+        specs.append(GraphSpec(
+            "denoiser", "per_step", DenoiserGraph(model),
+            [("x_t", tile), timestep, ("z_lr", tile)] + conds,
+            [("eps", tile)],
+            lambda b, h, w: (randn(b, lat, h, w), t_example(b), randn(b, lat, h, w), *cond_examples(b)),
+        ))
+    return specs
