@@ -7,7 +7,27 @@ import time
 import click
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _ExportCommand(click.Command):
+    """`deedsr-export build-engines DIR ...` is the engines stage's command (engines/cli.py);
+    anything else is the export below."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv and argv[0] == "build-engines":
+            from engines.cli import build_engines
+
+            name = f"{prog_name or 'deedsr-export'} build-engines"
+            return build_engines.main(argv[1:], prog_name=name, **extra)
+        return super().main(argv, prog_name=prog_name, **extra)
+
+    def format_epilog(self, ctx, formatter):
+        super().format_epilog(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text("TensorRT plans for an engine directory, on the machine that runs them: "
+                             "deedsr-export build-engines DIR [--help]")
+
+
+@click.command(cls=_ExportCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(), help="DeeDSR checkpoint folder.")
 @click.option("--preset", type=click.Choice(["tiny", "sd21-base"]), help="Untrained preset instead of a checkpoint.")
 @click.option("--out", required=True, type=click.Path(), help="Engine directory to write.")
@@ -19,7 +39,10 @@ import click
 @click.option("--max-batch", default=4, show_default=True, type=int, help="Most tiles per graph call.")
 @click.option("--fuse-denoiser", is_flag=True, help="Also write adapter+UNet as one 'denoiser' graph.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
-def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser, force):
+@click.option("--engines", "build_engines", is_flag=True,
+              help="Then build TensorRT plans into OUT/trt (default settings; see build-engines --help).")
+def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser, force,
+         build_engines=False):
     """Trace the learner, VAE, adapter and modulated UNet into ONNX graphs with a manifest."""
     if bool(checkpoint) == bool(preset):
         raise click.UsageError("give exactly one of --checkpoint DIR or --preset NAME")
@@ -52,6 +75,13 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
         click.echo(f"error: cannot write {out}: {e.strerror or e}", err=True)
         sys.exit(1)
     click.echo(f"{path} ({time.perf_counter() - start:.1f} s)")
+    if build_engines:
+        from engines.cli import run_build
+
+        code = run_build(path, suffix=f" (the ONNX graphs in {path} are complete: build the plans later with "
+                                      f"deedsr-export build-engines {path})")
+        if code:
+            sys.exit(code)
 
 
 def _load(checkpoint, preset):

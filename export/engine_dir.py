@@ -116,18 +116,18 @@ def _export_one(spec, root: Path, dims: dict, precisions, opset: int) -> dict:
         "outputs": [{"name": n, "shape": s} for n, s in spec.outputs],
         "precisions": {},
     }
-    (root / "fp32").mkdir(exist_ok=True)
-    fp32 = onnx_io.export_graph(spec, root / "fp32" / f"{spec.name}.onnx", example, opset)
-    variants = {"fp32": fp32}
-    if "fp16" in precisions:
-        variants["fp16"] = onnx_io.to_fp16(fp32)
-    for precision in precisions:
+    model = onnx_io.export_graph(spec, root / f"{spec.name}.onnx", example, opset)
+    for precision in ("fp32", "fp16"):
+        if precision not in precisions:
+            continue
+        if precision == "fp16":
+            model = onnx_io.to_fp16(model, in_place=True)  # the fp32 graph is on disk by now
         folder = root / precision
         folder.mkdir(exist_ok=True)
         path = folder / f"{spec.name}.onnx"
-        data = onnx_io.save(variants[precision], path)
+        data = onnx_io.save(model, path)
         onnx_io.check(path)
-        ops = onnx_io.operators(variants[precision])
+        ops = onnx_io.operators(model)
         missing = trt_ops.unsupported(ops)
         if missing:
             raise ExportError(f"graph {spec.name} uses operators TensorRT cannot parse: {', '.join(missing)}")
@@ -137,12 +137,10 @@ def _export_one(spec, root: Path, dims: dict, precisions, opset: int) -> dict:
             "external_data": f"{precision}/{data.name}" if data else None,
             "bytes": sum(f.stat().st_size for f in files),
             "sha256": onnx_io.sha256_file(*files),
-            "dtypes": onnx_io.io_dtypes(variants[precision]),
+            "dtypes": onnx_io.io_dtypes(model),
             "operators": ops,
             "min_tensorrt": trt_ops.min_tensorrt(ops),
         }
-    if "fp32" not in precisions:
-        shutil.rmtree(root / "fp32", ignore_errors=True)
     return entry
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx.external_data_helper import load_external_data_for_model
 
 from .graphs import GraphSpec
 
@@ -26,6 +27,8 @@ def save(model: onnx.ModelProto, path: Path) -> Path | None:
     if large:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        # saving moved the weights out of the proto; bring them back for the caller
+        load_external_data_for_model(model, str(path.parent))
         return data
     onnx.save_model(model, str(path))
     return None
@@ -50,12 +53,15 @@ def export_graph(spec: GraphSpec, path: Path, example: tuple, opset: int) -> onn
     return model
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_fp16(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelProto:
     """fp16 weights and activations, fp32 islands for FP32_OPS, fp32 graph inputs and outputs."""
     from onnxconverter_common import float16
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # the converter edits its argument in place
+    if in_place:
+        copy = model  # the converter edits its argument
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = float16.convert_float_to_float16(
