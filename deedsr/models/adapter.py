@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
@@ -50,6 +51,8 @@ class DegradationAwareAdapter(nn.Module):
         self.mid_resnet1 = self._resnet(ch, ch)
         self.mid_attention = self._attention(ch)
         self.mid_resnet2 = self._resnet(ch, ch)
+        # Training: recompute each level in the backward pass.
+        self.gradient_checkpointing = False
 
     def _resnet(self, cin: int, cout: int, down: bool = False) -> ResnetBlock2D:
         c = self.config
@@ -100,16 +103,26 @@ class DegradationAwareAdapter(nn.Module):
         per_block = DABlock.conditions_per_block
         h = self.conv_in(z_lr)
         local = []
-        for level, (resnet, da, attn) in enumerate(zip(self.resnets, self.da_blocks, self.attentions)):
-            h = resnet(h, emb)
-            h = da(h, conditions[level * per_block : (level + 1) * per_block])
-            h = attn(h)
-            local.append(self.local_heads[level](h, emb))
-            if level < len(self.downsamplers):
-                h = self.downsamplers[level](h, emb)
+        for level in range(len(self.resnets)):
+            cond = conditions[level * per_block : (level + 1) * per_block]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h, out = torch.utils.checkpoint.checkpoint(self._level, level, h, emb, *cond, use_reentrant=False)
+            else:
+                h, out = self._level(level, h, emb, *cond)
+            local.append(out)
         h = self.mid_resnet2(self.mid_attention(self.mid_resnet1(h, emb)), emb)
         tokens = h.flatten(2).transpose(1, 2)
         return local, tokens
+
+    def _level(self, level: int, h: torch.Tensor, emb: torch.Tensor, *cond: torch.Tensor):
+        """One level: ResBlock, DA block, attention -> (input of the next level, local map)."""
+        h = self.resnets[level](h, emb)
+        h = self.da_blocks[level](h, list(cond))
+        h = self.attentions[level](h)
+        out = self.local_heads[level](h, emb)
+        if level < len(self.downsamplers):
+            h = self.downsamplers[level](h, emb)
+        return h, out
 
     def forward_from_degradation(self, z_lr: torch.Tensor, t: torch.Tensor, d: torch.Tensor):
         return self.forward(z_lr, t, self.condition(d))

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
@@ -51,6 +52,8 @@ class ModulatedUNet(nn.Module):
             Modulation(r.conv2.out_channels, local_channels, hidden) for r, _ in resnets
         )
         self._levels = [level for _, level in resnets]
+        # Training: recompute each ResNet block and transformer in the backward pass.
+        self.gradient_checkpointing = False
 
     def backbone_parameters(self):
         return self.unet.parameters()
@@ -81,13 +84,25 @@ class ModulatedUNet(nn.Module):
         temb = unet.time_embedding(unet.time_proj(t).to(x_t.dtype))
         index = 0
 
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+
         def resnet(block, h):
             nonlocal index
-            out = self._resnet(index, block, h, temb, local_maps)
+            if checkpointing:
+                out = torch.utils.checkpoint.checkpoint(
+                    self._resnet, index, block, h, temb, local_maps, use_reentrant=False
+                )
+            else:
+                out = self._resnet(index, block, h, temb, local_maps)
             index += 1
             return out
 
         def attend(attn, h):
+            if checkpointing:
+                return torch.utils.checkpoint.checkpoint(
+                    lambda x, c: attn(x, encoder_hidden_states=c, return_dict=False)[0], h, tokens,
+                    use_reentrant=False,
+                )
             return attn(h, encoder_hidden_states=tokens, return_dict=False)[0]
 
         h = unet.conv_in(x_t)

@@ -1,0 +1,208 @@
+"""`deedsr train demo`: the embedded default weights, trained on this machine's CPU.
+
+vae -> stage1 -> stage2 on the real photos that ship with scikit-image (two held out), then
+the checkpoint is written to --out (deedsr/assets/demo by default) with training.json (the
+command, the config, steps and times of each stage) and eval.json / EVAL.md (bicubic, the
+model and the model without noise guidance on the held-out photos, Table 6 degradation,
+PSNR/SSIM on Y).
+
+Each stage runs in <work_dir>/<stage>; a stage whose run finished is reused, one that was
+interrupted is resumed, so the command can simply be run again after a crash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import (
+    ConfigError,
+    DemoConfig,
+    EvalConfig,
+    Stage1Config,
+    Stage2Config,
+    VaeConfig,
+    config_from_dict,
+    load_config,
+    to_dict,
+)
+
+log = logging.getLogger("deedsr.train")
+
+__all__ = ["DemoPlan", "load_demo", "run_demo", "default_train_photos"]
+
+DEFAULT_TRAIN_PHOTOS = [
+    "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "immunohistochemistry",
+    "camera", "brick", "grass", "gravel", "moon", "coins",
+]
+
+
+def default_train_photos() -> list[str]:
+    return list(DEFAULT_TRAIN_PHOTOS)
+
+
+class DemoPlan:
+    """The demo config resolved into three stage configs and an evaluation config."""
+
+    def __init__(self, path: Path, demo: DemoConfig, vae: VaeConfig, stage1: Stage1Config, stage2: Stage2Config,
+                 evaluation: EvalConfig):
+        self.path, self.demo, self.vae, self.stage1, self.stage2, self.eval = path, demo, vae, stage1, stage2, evaluation
+
+    @property
+    def work(self) -> Path:
+        return Path(self.demo.work_dir)
+
+    @property
+    def train_dir(self) -> Path:
+        return self.work / "data" / "train"
+
+    @property
+    def heldout_dir(self) -> Path:
+        return self.work / "data" / "heldout"
+
+
+def load_demo(path: str | Path) -> DemoPlan:
+    path = Path(path)
+    raw = load_config(path)
+    demo = config_from_dict(DemoConfig, raw.get("demo", {}), f"{path}: demo")
+    if not demo.train_photos:
+        demo.train_photos = default_train_photos()
+        config_from_dict(DemoConfig, to_dict(demo), f"{path}: demo")  # re-check overlaps
+    work = Path(demo.work_dir)
+    train = str(work / "data" / "train")
+
+    def stage(cls, key: str, **fixed: Any):
+        table = dict(raw.get(key, {}))
+        for k in fixed:
+            if k in table:
+                raise ConfigError(f"{path}: {key}.{k}: set by the demo itself, remove it")
+        data = dict(table.get("data", {}))
+        if "folders" in data:
+            raise ConfigError(f"{path}: {key}.data.folders: set by the demo itself (the scikit-image photos), remove it")
+        data["folders"] = [train]
+        table["data"] = data
+        table.update(fixed)
+        table.setdefault("model", demo.model)
+        table.setdefault("seed", demo.seed)
+        return config_from_dict(cls, table, f"{path}: {key}")
+
+    vae = stage(VaeConfig, "vae", out_dir=str(work / "vae"))
+    stage1 = stage(Stage1Config, "stage1", out_dir=str(work / "stage1"))
+    stage2 = stage(
+        Stage2Config, "stage2", out_dir=str(work / "stage2"),
+        vae=str(work / "vae" / "vae"), learner=str(work / "stage1" / "learner"),
+    )
+    evaluation = config_from_dict(EvalConfig, raw.get("eval", {}), f"{path}: eval")
+    return DemoPlan(path, demo, vae, stage1, stage2, evaluation)
+
+
+def prepare_photos(plan: DemoPlan) -> None:
+    """Write the scikit-image photos as PNG files into the work folder (train / held out)."""
+    from PIL import Image
+
+    from .evaluate import skimage_photo
+
+    for folder, names in ((plan.train_dir, plan.demo.train_photos), (plan.heldout_dir, plan.demo.heldout_photos)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            try:
+                img = skimage_photo(name)
+            except ValueError as e:
+                raise ConfigError(f"{plan.path}: demo: {e}") from None
+            target = folder / f"{name}.png"
+            if not target.exists():
+                tmp = folder / f".{name}.png.tmp"
+                Image.fromarray(img).save(tmp, format="PNG")
+                tmp.replace(target)
+
+
+def _stage_done(out_dir: Path) -> dict | None:
+    """What a finished stage wrote (finished: all its steps, or stopped at max_minutes)."""
+    done = out_dir / "done.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def _run_stage(stage_cls, cfg, info) -> dict[str, Any]:
+    from .trainer import run
+
+    out = Path(cfg.out_dir)
+    done = _stage_done(out)
+    if done is not None:
+        log.info("demo: %s already trained (%s), reusing it", stage_cls.name, done["deliverable"])
+        return {"steps": done["step"], "planned_steps": done["total"], "reused": True}
+    resume = (out / "checkpoints" / "latest").is_file()
+    t0 = time.monotonic()
+    run(stage_cls(cfg, info), resume=resume)
+    done = json.loads((out / "done.json").read_text())
+    return {"steps": done["step"], "planned_steps": done["total"], "minutes": round((time.monotonic() - t0) / 60, 2),
+            "resumed": resume}
+
+
+def run_demo(config_path: str | Path, out: str | Path, command: str = "", restart: bool = False) -> dict[str, Any]:
+    """Train the demo model and write it, its provenance and its evaluation to `out`."""
+    from .artifacts import save_components
+    from .dist import setup
+    from .evaluate import evaluate, format_table, skimage_photo, write_report
+    from .stage1 import Stage1
+    from .stage2 import Stage2
+    from .vae import VaeStage
+
+    plan = load_demo(config_path)
+    info = setup(plan.stage2.device)
+    if info.distributed:
+        raise ConfigError("deedsr train demo runs in one process (it is sized for a CPU); run the stages under torchrun instead")
+    if restart and plan.work.exists():
+        shutil.rmtree(plan.work)
+    prepare_photos(plan)
+    t0 = time.monotonic()
+    stages = {}
+    for cls, cfg in ((VaeStage, plan.vae), (Stage1, plan.stage1), (Stage2, plan.stage2)):
+        log.info("demo: %s", cls.name)
+        stages[cls.name] = _run_stage(cls, cfg, info)
+    train_minutes = (time.monotonic() - t0) / 60
+
+    from ..checkpoints import load_checkpoint
+
+    model = load_checkpoint(Path(plan.stage2.out_dir) / "model")
+    dtype = torch.float16 if plan.demo.weights_dtype == "float16" else None
+    out = Path(out)
+    save_components(model.config, {n: getattr(model, n) for n in ("learner", "adapter", "unet", "vae")}, out, dtype=dtype)
+
+    log.info("demo: evaluating on the held-out photos %s", ", ".join(plan.demo.heldout_photos))
+    t1 = time.monotonic()
+    photos = {name: skimage_photo(name) for name in plan.demo.heldout_photos}
+    report = evaluate(out, photos, plan.eval, out_dir=plan.work / "eval")
+    eval_minutes = (time.monotonic() - t1) / 60
+    write_report(report, out / "eval.json")
+    provenance = {
+        "command": command,
+        "config_file": str(plan.path),
+        "config_toml": Path(plan.path).read_text(),
+        "stages": stages,
+        "train_minutes": round(train_minutes, 2),
+        "eval_minutes": round(eval_minutes, 2),
+        "train_photos": plan.demo.train_photos,
+        "heldout_photos": plan.demo.heldout_photos,
+        "weights_dtype": plan.demo.weights_dtype,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                    "platform": platform.platform()},
+    }
+    (out / "training.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    table = format_table(report)
+    (out / "EVAL.md").write_text(
+        "# Demo weights\n\n"
+        f"Trained with `{command}` ({round(train_minutes, 1)} min of training, "
+        f"{torch.get_num_threads()} torch CPU thread(s)); config: `{plan.path}` (copied into training.json); "
+        f"weights stored as {plan.demo.weights_dtype}.\n\n"
+        f"Held-out scikit-image photos ({', '.join(plan.demo.heldout_photos)}), paper Table 6 '{plan.eval.level}' "
+        f"degradation (seed {plan.eval.seed}), x4, {plan.eval.steps} DDIM steps, "
+        f"PSNR (dB) / SSIM on Y, border {plan.eval.crop_border}:\n\n" + table + "\n"
+    )
+    log.info("demo: wrote %s\n%s", out, table)
+    return {"out": str(out), "stages": stages, "eval": report, "table": table, "train_minutes": train_minutes}
