@@ -1,4 +1,8 @@
-"""`deedsr` command line: upscale images with a chosen backend."""
+"""`deedsr` command line: upscale images with a chosen backend, build and run the demo.
+
+The runtime backends (ort, trt) read an engine directory and never import torch; the torch
+backend (the PyTorch reference, for comparison) is loaded only when asked for.
+"""
 from __future__ import annotations
 
 import importlib
@@ -8,10 +12,11 @@ from pathlib import Path
 
 import click
 
-from .images import ImageError, expand_inputs, read_image, write_png
+from .images import ImageError, expand_inputs, image_size, read_image, write_png
 
 BACKENDS = ("auto", "ort", "trt", "torch")
 COLOR_FIXES = ("none", "adain", "wavelet")
+PRECISIONS = ("auto", "fp32", "fp16")
 
 
 class UsageError(click.ClickException):
@@ -31,21 +36,54 @@ def _steps_list(text: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"expected comma-separated step indices, got '{text}'") from None
 
 
-def open_backend(backend: str, engines: str | None, checkpoint: str | None, preset: str | None):
+def open_torch(checkpoint: str | None, preset: str | None, threads: int | None):
+    # The PyTorch reference is an optional backend for comparison; it is loaded only here,
+    # so the runtime itself stays free of torch.
+    try:
+        reference = importlib.import_module("deedsr.upscaler")
+    except ImportError as e:
+        raise UsageError(f"--backend torch needs the reference model: pip install 'deedsr[torch]' ({e})")
+    if threads:
+        importlib.import_module("torch").set_num_threads(threads)
+    try:
+        if checkpoint:
+            return reference.TorchUpscaler.from_checkpoint(checkpoint)
+        return reference.TorchUpscaler.from_preset(preset or "tiny")
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def open_runtime(backend: str, engines: str | None, precision: str, threads: int | None):
+    from .demo import built_demo_engine_dir
+    from .errors import EngineError
+    from .upscaler import Upscaler
+
+    if engines is None:
+        demo = built_demo_engine_dir()
+        if demo is None:
+            raise UsageError("no engine directory: pass --engines DIR (written by deedsr-export), run "
+                             "`deedsr demo` once to build the demo engines, or use --backend torch")
+        engines = str(demo)
+    try:
+        return Upscaler.from_engine_dir(engines, backend=backend, precision=precision, threads=threads)
+    except EngineError as e:
+        raise UsageError(str(e)) from None
+
+
+def open_backend(backend: str, engines: str | None, checkpoint: str | None, preset: str | None,
+                 precision: str = "auto", threads: int | None = None):
+    if backend == "auto" and engines is None and (checkpoint or preset):
+        backend = "torch"  # a checkpoint or preset names the reference model
     if backend == "torch":
-        # The PyTorch reference is an optional backend for comparison; it is loaded only here,
-        # so the runtime itself stays free of torch.
-        try:
-            reference = importlib.import_module("deedsr.upscaler")
-        except ImportError as e:
-            raise UsageError(f"--backend torch needs the reference model: pip install 'deedsr[torch]' ({e})")
-        try:
-            if checkpoint:
-                return reference.TorchUpscaler.from_checkpoint(checkpoint)
-            return reference.TorchUpscaler.from_preset(preset or "tiny")
-        except (OSError, ValueError) as e:
-            raise UsageError(str(e)) from None
-    raise UsageError(f"backend '{backend}' is not available in this build; use --backend torch")
+        if engines:
+            raise UsageError("--engines is read by the ort/trt backends; --backend torch takes --checkpoint or --preset")
+        if precision != "auto":
+            raise UsageError("--precision applies to the ort/trt backends")
+        return open_torch(checkpoint, preset, threads)
+    if checkpoint or preset:
+        raise UsageError(f"--checkpoint/--preset choose the torch backend's model; the {backend} backend reads "
+                         "--engines DIR (deedsr-export turns a checkpoint into one)")
+    return open_runtime(backend, engines, precision, threads)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,27 +93,37 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
+def _sampling_options(f):
+    for decorator in reversed([
+        click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the model's, 50)."),
+        click.option("--eta", type=click.FloatRange(0.0, 1.0), help="DDIM eta (default 1.0)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--noise-guidance-steps",
+                     help="Comma-separated step indices to guide (default '0'; 'none' for off)."),
+        click.option("--init", "init", type=click.Choice(["noise", "lr"]), help="Initial latent."),
+        click.option("--tile", type=int, help="Latent tile side for aggregation sampling."),
+        click.option("--tile-overlap", type=int, help="Latent tile overlap."),
+        click.option("--color-fix", type=click.Choice(COLOR_FIXES), help="Colour fix against the upsampled LR."),
+    ]):
+        f = decorator(f)
+    return f
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--engines", type=click.Path(), help="Engine directory written by deedsr-export (default: the demo's).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--engines", type=click.Path(), help="Engine directory written by deedsr-export.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Graph precision (auto: fp16 on a GPU, fp32 on the CPU).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Compute threads (default: one per core).")
 @click.option("--checkpoint", type=click.Path(), help="DeeDSR checkpoint folder (torch backend).")
 @click.option("--preset", type=click.Choice(["tiny", "sd21-base"]), help="Untrained preset (torch backend).")
-@click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the model's, 50).")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), help="DDIM eta (default 1.0).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--noise-guidance-steps", help="Comma-separated step indices to guide (default '0'; 'none' for off).")
-@click.option("--init", "init", type=click.Choice(["noise", "lr"]), help="Initial latent.")
-@click.option("--tile", type=int, help="Latent tile side for aggregation sampling.")
-@click.option("--tile-overlap", type=int, help="Latent tile overlap.")
-@click.option("--color-fix", type=click.Choice(COLOR_FIXES), help="Colour fix against the upsampled LR.")
+@_sampling_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def upscale(inputs, outdir, backend, engines, checkpoint, preset, steps, eta, seed, noise_guidance_steps,
-            init, tile, tile_overlap, color_fix, overwrite):
+def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, preset, steps, eta, seed,
+            noise_guidance_steps, init, tile, tile_overlap, color_fix, overwrite):
     """Upscale INPUTS (files, folders or globs) x4 into OUTDIR as PNG."""
-    from tqdm import tqdm
-
     paths, unmatched = expand_inputs(list(inputs))
     failures = 0
     for pattern in unmatched:
@@ -83,30 +131,98 @@ def upscale(inputs, outdir, backend, engines, checkpoint, preset, steps, eta, se
         failures += 1
     if not paths:
         raise UsageError("no input images")
-    if backend == "auto":
-        backend = "torch"
-    upscaler = open_backend(backend, engines, checkpoint, preset)
+    upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
     options = dict(
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
     )
-    outdir = Path(outdir)
+    if hasattr(upscaler, "options"):  # runtime: refuse bad options once, before any image
+        try:
+            upscaler.options(**options)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    failures += _upscale_all(upscaler, paths, Path(outdir), options, seed, overwrite)
+    if failures:
+        sys.exit(1)
+
+
+def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwrite: bool) -> int:
+    from tqdm import tqdm
+
+    from .errors import BackendError, EngineError
+
+    failures = 0
+    steps = options.get("steps") or upscaler.default_steps
     for path in tqdm(paths, desc="images", unit="img", disable=len(paths) < 2, file=sys.stderr):
         target = outdir / f"{path.stem}.png"
         try:
             if target.exists() and not overwrite:
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
+            check = getattr(upscaler, "check", None)
+            size = image_size(path) if check else None
+            if size is not None:
+                check(size[1], size[0], options.get("tile"))  # shape ranges and memory, before decoding
             image = read_image(path)
-            with tqdm(total=steps or upscaler.default_steps, desc=path.name, unit="step", leave=False,
-                      file=sys.stderr) as bar:
+            with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
                 result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
             write_png(result, target)
             tqdm.write(str(target))
-        except (ImageError, ValueError, MemoryError) as e:
+        except EngineError as e:
+            raise UsageError(str(e)) from None
+        except (ImageError, ValueError, MemoryError, BackendError) as e:
             tqdm.write(f"error: {path}: {e}", file=sys.stderr)
             failures += 1
-    if failures:
-        sys.exit(1)
+    return failures
+
+
+@main.command()
+@click.option("-o", "--output", "outdir", default="deedsr-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--backend", type=click.Choice(BACKENDS[:3]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), help="Compute threads (default: one per core).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the model's, 50).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(outdir, backend, threads, steps, seed):
+    """Build the demo engines (once, into the cache) and upscale the bundled astronaut photo.
+
+    Writes OUTDIR/astronaut_x4.png and OUTDIR/astronaut_compare.png (bicubic | DeeDSR)."""
+    from tqdm import tqdm
+
+    from . import demo as demo_mod
+    from .errors import EngineError
+    from .upscaler import Upscaler
+
+    try:
+        engines = demo_mod.build_demo_engine_dir(echo=lambda msg: click.echo(msg, err=True))
+        upscaler = Upscaler.from_engine_dir(engines, backend=backend, threads=threads)
+    except EngineError as e:
+        raise UsageError(str(e)) from None
+    image = read_image(demo_mod.ASSET)
+    total = steps or upscaler.default_steps
+    with tqdm(total=total, desc=demo_mod.ASSET.name, unit="step", leave=False, file=sys.stderr) as bar:
+        result = upscaler.upscale(image, seed=seed, steps=steps, callback=lambda info: bar.update(1))
+    outdir = Path(outdir)
+    write_png(result, outdir / "astronaut_x4.png")
+    label = "DeeDSR" if demo_mod.demo_checkpoint() else "DeeDSR (untrained tiny preset)"
+    write_png(demo_mod.side_by_side(demo_mod.bicubic_x4(image, upscaler.scale), result, ("bicubic", label)),
+              outdir / "astronaut_compare.png")
+    click.echo(str(outdir / "astronaut_x4.png"))
+    click.echo(str(outdir / "astronaut_compare.png"))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args):
+    """Benchmark the runtime against the reference (benchmarks/bench_runtime.py; a source
+    checkout with torch installed). `deedsr bench --help` lists its options."""
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_runtime.py"
+    if not script.is_file():
+        raise UsageError("deedsr bench runs benchmarks/bench_runtime.py from a source checkout; it is not installed")
+    sys.argv = [str(script), *args]
+    runpy.run_path(str(script), run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -42,11 +42,25 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError("is a directory") from None
     except UnidentifiedImageError:
         raise ImageError("is not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"is too large to read ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot be read ({e})") from None
     if min(array.shape[:2]) < MIN_SIDE:
         raise ImageError(f"is {array.shape[1]}x{array.shape[0]}; each side must be at least {MIN_SIDE} pixels")
     return np.ascontiguousarray(array)
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding the pixels; None when the file
+    cannot be opened (read_image then says why). Raises ImageError for decompression bombs."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"is too large to read ({e})") from None
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def _palette_is_gray(im: Image.Image) -> bool:
@@ -63,10 +77,23 @@ def write_png(array: np.ndarray, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(array).save(f, format="PNG")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask without changing it (os.umask would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:

@@ -1,0 +1,232 @@
+"""`Upscaler`: an engine directory -> x4 images, with numpy on the host and a backend for graphs.
+
+    up = Upscaler.from_engine_dir("engines/tiny")            # backend="auto", precision="auto"
+    sr = up.upscale(lr_uint8_hwc, seed=0, steps=20)         # uint8 (4H, 4W, 3)
+
+Per image the learner (-> conditions) and the VAE encoder (-> z_lr) run once; per step only
+the adapter and UNet (or the fused denoiser) run, on tiles of the latent, several tiles per
+call; noise-guided steps run no graph at all; the VAE decoder runs once at the end.
+
+Thread safety: an Upscaler may be shared between threads. What is shared is read-only (the
+manifest) or thread-safe (the backend's sessions: onnxruntime's `InferenceSession.run` may be
+called concurrently; sessions are created once under a lock). Everything of one call (latents,
+generator, tiles) is local to that call, so two threads with the same seed get the same image
+as two sequential calls.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .backends import Backend, open_backend
+from .errors import InsufficientMemory, ShapeError, StepInfo
+from .imageops import COLOR_FIXES, bicubic_upscale, check_image, color_fix, pad_to_multiple
+from .manifest import Manifest
+from .sampler import INITS, Job, SamplerOptions, Schedule, sample
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+def _parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 8G, 512M)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def available_memory() -> int | None:
+    """Bytes the process can still allocate: $DEEDSR_MEMORY_LIMIT, else MemAvailable, else None."""
+    limit = os.environ.get("DEEDSR_MEMORY_LIMIT")
+    if limit:
+        return _parse_bytes(limit)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class Upscaler:
+    def __init__(self, manifest: Manifest, backend: Backend, memory_limit: int | None = None):
+        self.manifest = manifest
+        self.backend = backend
+        self.memory_limit = memory_limit
+        self.schedule = Schedule(manifest.alphas_cumprod, manifest.steps_offset)
+
+    @classmethod
+    def from_engine_dir(cls, path: str | Path, backend: str = "auto", precision: str = "auto",
+                        threads: int | None = None, use_denoiser: bool | None = None,
+                        memory_limit: int | None = None) -> "Upscaler":
+        """Open an engine directory (raises EngineError with one line if it cannot be used).
+
+        backend: auto | ort | trt. precision: auto (fp16 on a GPU, fp32 on the CPU) | fp32 | fp16.
+        threads: intra-op threads of onnxruntime (default: one per physical core).
+        use_denoiser: the fused adapter+UNet graph (default: when the directory has it).
+        memory_limit: bytes an image may need (default: $DEEDSR_MEMORY_LIMIT or available RAM).
+        """
+        manifest = Manifest.load(path)
+        return cls(manifest, open_backend(manifest, backend, precision, threads, use_denoiser), memory_limit)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def default_steps(self) -> int:
+        return int(self.manifest.sampler["steps"])
+
+    @property
+    def scale(self) -> int:
+        return self.manifest.image["upscale"]
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest.max_batch
+
+    def describe(self) -> str:
+        return f"{self.manifest.root} ({self.manifest.model.get('preset', '?')}), {self.backend.describe()}"
+
+    # ------------------------------------------------------------------ options
+    def options(self, steps=None, eta=None, noise_guidance_steps=None, init=None, tile=None, tile_overlap=None,
+                color_fix=None) -> SamplerOptions:
+        d = self.manifest.sampler
+        opts = SamplerOptions(
+            steps=int(d["steps"] if steps is None else steps),
+            eta=float(d["eta"] if eta is None else eta),
+            noise_guidance_steps=tuple(int(i) for i in (d["noise_guidance_steps"] if noise_guidance_steps is None
+                                                        else noise_guidance_steps)),
+            init=str(d["init"] if init is None else init),
+            tile=int(d["tile"] if tile is None else tile),
+            tile_overlap=int(d["tile_overlap"] if tile_overlap is None else tile_overlap),
+            tile_weight_variance=float(d.get("tile_weight_variance", 0.01)),
+            color_fix=str(d["color_fix"] if color_fix is None else color_fix),
+        )
+        if opts.init not in INITS:
+            raise ValueError(f"unknown init '{opts.init}'; choose one of {', '.join(INITS)}")
+        if not 0.0 <= opts.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {opts.eta}")
+        if opts.color_fix not in COLOR_FIXES:
+            raise ValueError(f"unknown colour fix '{opts.color_fix}'; choose one of {', '.join(COLOR_FIXES)}")
+        self.schedule.timesteps(opts.steps)  # raises for a step count the schedule cannot space
+        self.manifest.check_tile(opts.tile)
+        if not 0 <= opts.tile_overlap < opts.tile:
+            raise ValueError(f"tile overlap ({opts.tile_overlap}) must be in 0..{opts.tile - 1} for tile {opts.tile}")
+        return opts
+
+    # ------------------------------------------------------------ shape + memory
+    def estimate_memory(self, height: int, width: int) -> int:
+        """Rough peak bytes to upscale an LR image of height x width, beyond what is resident:
+        the VAE decoder's largest activations at 4x size (the last upsampling's input and output
+        maps plus the last block's), host copies of the x4 image, and graphs still to load."""
+        ph, pw = self.manifest.padded(height, width)
+        pixels = ph * self.scale * pw * self.scale
+        channels = self.manifest.config.get("vae", {}).get("block_out_channels", [128, 256, 512, 512])
+        c0, c1 = int(channels[0]), int(channels[1] if len(channels) > 1 else channels[0])
+        element = 2 if self.backend.precision == "fp16" else 4
+        decoder = 0 if self.backend.on_device else pixels * element * (2 * c1 + 2 * c0)
+        host = pixels * 3 * 4 * 8  # bicubic, encoder input, decoded, colour-fix temporaries, output
+        to_load = 0
+        loaded = getattr(self.backend, "loaded_bytes", None)
+        if loaded is not None and not self.backend.on_device:
+            graphs = ["degradation_learner", "vae_encoder", "vae_decoder", *self.backend.per_step_graphs()]
+            total = sum(self.manifest.graph_file(g, self.backend.precision).bytes or 0 for g in graphs)
+            to_load = max(total - loaded(), 0)
+        return decoder + host + to_load
+
+    def check(self, height: int, width: int, tile: int | None = None) -> int:
+        """Refuse, before anything is allocated, an LR size the engines cannot take or the machine
+        cannot hold (ShapeError, InsufficientMemory); returns the memory estimate in bytes."""
+        if min(height, width) < 8:
+            raise ShapeError(f"image is {width}x{height}; each side must be at least 8 pixels")
+        try:
+            env = self.manifest.image_dims(height, width)
+            tile = int(self.manifest.sampler["tile"] if tile is None else tile)
+            self.manifest.check_tile(tile)
+            self.manifest.tile_dims(min(tile, env["latent_height"]), min(tile, env["latent_width"]))
+        except ShapeError as e:
+            raise ShapeError(f"image is {width}x{height}: {e}") from None
+        need = self.estimate_memory(height, width)
+        limit = self.memory_limit if self.memory_limit is not None else available_memory()
+        if limit is not None and need > limit:
+            s = self.scale
+            raise InsufficientMemory(
+                f"image is {width}x{height}: upscaling to {width * s}x{height * s} needs about "
+                f"{human_bytes(need)}, only {human_bytes(limit)} is available; use a smaller image")
+        return need
+
+    # ----------------------------------------------------------------- upscaling
+    def upscale(self, image: np.ndarray, seed: int = 0, steps: int | None = None, eta: float | None = None,
+                noise_guidance_steps: Iterable[int] | None = None, init: str | None = None,
+                tile: int | None = None, tile_overlap: int | None = None, color_fix: str | None = None,
+                callback: Callable[[StepInfo], bool | None] | None = None) -> np.ndarray:
+        """uint8 HxWx3 -> uint8 (4H)x(4W)x3. `callback(StepInfo)` after every step; returning
+        False raises Cancelled."""
+        return self.upscale_batch([image], seeds=[seed], steps=steps, eta=eta,
+                                  noise_guidance_steps=noise_guidance_steps, init=init, tile=tile,
+                                  tile_overlap=tile_overlap, color_fix=color_fix, callback=callback)[0]
+
+    def upscale_batch(self, images: Sequence[np.ndarray], seeds: Sequence[int] | int = 0,
+                      callback: Callable[[StepInfo], bool | None] | None = None, **overrides) -> list[np.ndarray]:
+        """Several images sampled together (tiles of all images share graph calls); one generator
+        per image, so each result equals `upscale(image, seed)` up to batching arithmetic."""
+        if isinstance(seeds, int):
+            seeds = [seeds + i for i in range(len(images))]
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+        opts = self.options(**overrides)
+        for image in images:
+            check_image(image)
+            self.check(image.shape[0], image.shape[1], opts.tile)
+        started = time.perf_counter()
+        prepared = [self._prepare(image, seed) for image, seed in zip(images, seeds)]
+        log.info("per-image graphs: %.3f s", time.perf_counter() - started)
+        started = time.perf_counter()
+        latents = sample(self.backend.denoise, [job for job, _ in prepared], self.schedule, opts,
+                         self.max_batch, callback)
+        log.info("%d steps: %.3f s", opts.steps, time.perf_counter() - started)
+        started = time.perf_counter()
+        out = [self._finish(latent, up, image.shape[:2], opts)
+               for latent, (_, up), image in zip(latents, prepared, images)]
+        log.info("decode: %.3f s", time.perf_counter() - started)
+        return out
+
+    def _prepare(self, image: np.ndarray, seed: int) -> tuple[Job, np.ndarray]:
+        m = self.manifest
+        lr = image.astype(np.float32) / 255.0
+        conditions = self.backend.run("degradation_learner", {"lr": _nchw(lr)}, m.conditions)
+        up = _nchw(bicubic_upscale(pad_to_multiple(lr, m.image["pixel_multiple"]), self.scale))
+        z_lr = self.backend.run("vae_encoder", {"image": up * 2 - 1})["latent"]
+        return Job(z_lr=z_lr, conditions=conditions, rng=np.random.Generator(np.random.PCG64(seed))), up
+
+    def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions) -> np.ndarray:
+        decoded = self.backend.run("vae_decoder", {"latent": latent})["image"]
+        sr = (np.clip(decoded, -1, 1) + 1) / 2
+        sr = np.clip(color_fix(sr, up, opts.color_fix), 0, 1)
+        h, w = size
+        sr = sr[0].transpose(1, 2, 0)[: h * self.scale, : w * self.scale]
+        return np.round(sr * 255.0).astype(np.uint8)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _nchw(hwc: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))[None]
