@@ -225,5 +225,19 @@ def bench(args):
     runpy.run_path(str(script), run_name="__main__")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(args):
+    """Train DeeDSR: vae, stage1, stage2, demo, evaluate (needs deedsr[torch]).
+    `deedsr train --help` lists them."""
+    # Loaded only here: the runtime itself never imports the training code or torch.
+    try:
+        commands = importlib.import_module("deedsr.train.cli")
+    except ImportError as e:
+        raise UsageError(f"deedsr train needs the reference model: pip install 'deedsr[torch]' ({e})")
+    commands.train.main(args=list(args), prog_name="deedsr train")
+
+
 if __name__ == "__main__":
     main()
