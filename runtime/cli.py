@@ -46,6 +46,10 @@ def open_torch(checkpoint: str | None, preset: str | None, threads: int | None):
     if threads:
         importlib.import_module("torch").set_num_threads(threads)
     try:
+        if not checkpoint and not preset:
+            from .demo import demo_checkpoint
+
+            checkpoint = demo_checkpoint()  # the embedded default: the trained tiny demo weights
         if checkpoint:
             return reference.TorchUpscaler.from_checkpoint(checkpoint)
         return reference.TorchUpscaler.from_preset(preset or "tiny")
