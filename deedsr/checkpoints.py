@@ -31,17 +31,28 @@ def component_file(path: str | Path, component: str) -> Path:
     return Path(path) / f"{component}.safetensors"
 
 
-def save_checkpoint(model: DeeDSR, path: str | Path) -> Path:
-    """Write atomically: into a temporary sibling folder, then rename over `path`."""
+def save_components(config: DeeDSRConfig, modules: dict[str, torch.nn.Module], path: str | Path,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + <name>.safetensors for each module, atomically (a temporary sibling
+    folder, then rename). With `dtype`, floating-point tensors are stored in that dtype. A folder
+    with only some components is a partial checkpoint (e.g. stage I writes the learner)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict()}
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config.to_dict()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        for name in COMPONENTS:
-            state = {k: v.detach().contiguous().cpu() for k, v in getattr(model, name).state_dict().items()}
+        for name, module in modules.items():
+            state = {}
+            for key, tensor in module.state_dict().items():
+                tensor = tensor.detach().to("cpu").contiguous()
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state[key] = tensor.clone()
             save_file(state, str(component_file(tmp, name)), metadata={"component": name})
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)  # mkdtemp makes it private; checkpoints are meant to be shared
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -49,6 +60,10 @@ def save_checkpoint(model: DeeDSR, path: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def save_checkpoint(model: DeeDSR, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    return save_components(model.config, {name: getattr(model, name) for name in COMPONENTS}, path, dtype)
 
 
 def read_config(path: str | Path) -> DeeDSRConfig:

@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .color import color_fix

@@ -9,23 +9,18 @@ components=("learner",))` reads it, and so does `load_component` here.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..checkpoints import (
-    CONFIG_NAME,
     FORMAT,
-    FORMAT_VERSION,
     CheckpointError,
     check_state,
     component_file,
     load_state,
     read_config,
+    save_components,
 )
 from ..config import PRESETS, DeeDSRConfig, preset
 from .config import ConfigError
@@ -51,36 +46,6 @@ def resolve_model_config(spec: str, where: str) -> DeeDSRConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {path}: not a usable model config ({e})") from None
     raise ConfigError(f"{where}: '{spec}' is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path")
-
-
-def save_components(config: DeeDSRConfig, modules: dict[str, torch.nn.Module], path: str | Path,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write config.json + <name>.safetensors for each module, atomically (temporary sibling
-    folder, then rename). With `dtype`, floating-point tensors are stored in that dtype."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config.to_dict()}
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        for name, module in modules.items():
-            state = {}
-            for k, v in module.state_dict().items():
-                v = v.detach().to("cpu").contiguous()
-                if dtype is not None and v.is_floating_point():
-                    v = v.to(dtype)
-                state[k] = v.clone()
-            save_file(state, str(component_file(tmp, name)), metadata={"component": name})
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)  # mkdtemp makes it private; checkpoints are meant to be shared
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def load_component(path: str | Path, name: str, module: torch.nn.Module, where: str) -> DeeDSRConfig:
