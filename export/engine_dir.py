@@ -93,6 +93,7 @@ def export_engine_dir(
                 progress(spec.name)
         manifest = build_manifest(model, dims, graphs, opset, tile)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -104,6 +105,12 @@ def export_engine_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _make_readable(root: Path) -> None:
+    """mkdtemp makes the folder private; an engine directory is meant to be served to others."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _export_one(spec, root: Path, dims: dict, precisions, opset: int) -> dict:

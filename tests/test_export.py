@@ -198,3 +198,8 @@ def test_cli_unwritable_destination_leaves_nothing(tmp_path):
     proc = cli("--preset", "tiny", "--precision", "fp32", "--out", str(blocker / "e"))
     assert proc.returncode == 1 and "cannot write" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_engine_directory_is_readable_by_others(tiny_engine_dir):
+    modes = {p.relative_to(tiny_engine_dir): p.stat().st_mode & 0o777 for p in [tiny_engine_dir, *tiny_engine_dir.rglob("*")]}
+    assert all(m in (0o755, 0o644) for m in modes.values()), modes
