@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, check_state
 from .config import AdapterConfig, DeeDSRConfig, preset
 from .models.model import DeeDSR
 from .models.unet import _resnets_in_order
@@ -276,18 +276,7 @@ def init_from_sd_base(
 
     vae = model.vae
     _fix_deprecated_attention_keys(vae, vae_state)
-    expected = vae.state_dict()
-    for key, ref in expected.items():
-        if key not in vae_state:
-            raise CheckpointError(f"{vae_file}: missing tensor '{key}'")
-        if tuple(vae_state[key].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{vae_file}: tensor '{key}' has shape {tuple(vae_state[key].shape)}, "
-                f"the config needs {tuple(ref.shape)}"
-            )
-    extra = sorted(set(vae_state) - set(expected))
-    if extra:
-        raise CheckpointError(f"{vae_file}: unexpected tensors {_listing(extra)}")
+    check_state(vae, vae_state, str(vae_file))
 
     with torch.no_grad():
         missing, unexpected = backbone.load_state_dict(unet_load, strict=False)

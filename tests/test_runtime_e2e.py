@@ -24,14 +24,7 @@ STEPS = 4  # t = 751, 501, 251, 1; step 0 noise-guided (the default), eta 1
 HEAVY = ("torch", "diffusers", "deedsr", "export")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from more threads, and torch's OpenMP pool collapses when
-    another process holds a core (18 s instead of 0.26 s for a 4-step reference sample)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,7 @@ from test_runtime_manifest import manifest_dict, write
 CONDITION_NAMES = [f"da{level}_{kind}{k}" for level in range(4) for k in (1, 2) for kind in ("kernel", "scale")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model gains nothing from more threads, and torch's OpenMP pool collapses when
-    another process holds a core (18 s instead of 0.26 s for a 4-step reference sample)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TorchGraphs(Backend):
