@@ -221,6 +221,43 @@ def test_samples_are_deterministic_per_key(photo_dir):
     assert item["q"].shape == item["k"].shape == (3, 8, 8) and not np.array_equal(item["q"], item["k"])
 
 
+def test_lr_schedules():
+    from deedsr.train.trainer import scheduled_lr
+
+    assert scheduled_lr(1.0, 0, 100) == scheduled_lr(1.0, 99, 100) == 1.0
+    assert scheduled_lr(1.0, 0, 100, "cosine") == 1.0
+    assert scheduled_lr(1.0, 50, 100, "cosine") == pytest.approx(0.5)
+    assert scheduled_lr(1.0, 100, 100, "cosine") == pytest.approx(0.0)
+    assert scheduled_lr(1.0, 4, 100, "cosine", warmup=10) == pytest.approx(0.5)  # warm-up first
+    assert scheduled_lr(1.0, 10, 110, "cosine", warmup=10) == pytest.approx(1.0)
+
+
+def test_degradation_retrieval_probe():
+    """The probe scores a constant encoder at exactly chance and simple noise / sharpness
+    statistics well above it (so the same seed really gives every photo the same degradation)."""
+    from scipy import ndimage
+
+    from deedsr.train.evaluate import degradation_retrieval, skimage_photo
+
+    photos = {n: skimage_photo(n) for n in ("astronaut", "chelsea")}
+    kw = dict(degradations=6, crops=3, crop_size=128)
+    constant = degradation_retrieval(lambda x: np.ones((len(x), 4)), photos, **kw)
+    assert constant["accuracy"] == pytest.approx(1 / 6) and constant["samples"] == 36
+
+    def statistics(x):
+        g = x.mean(axis=1)
+        high = g - ndimage.gaussian_filter(g, (0, 1, 1))
+        grad = np.hypot(*np.gradient(g, axis=(1, 2)))
+        return np.stack([high.std(axis=(1, 2)), np.abs(high).mean(axis=(1, 2)), grad.mean(axis=(1, 2)),
+                         x.std(axis=(1, 2, 3))], axis=1)
+
+    # A handful of degradations can hold near-twins, so average over a few draws of them.
+    scores = [degradation_retrieval(statistics, photos, seed=s, **kw)["accuracy"] for s in range(5)]
+    assert np.mean(scores) > 2 / 6, scores
+    with pytest.raises(ValueError, match="at least two photos"):
+        degradation_retrieval(statistics, {"a": photos["astronaut"]})
+
+
 def test_global_batches_do_not_depend_on_ranks_or_accumulation():
     one = StepBatchSampler(40, 8, 8, 1, 0, seed=1)
     split = [StepBatchSampler(40, 8, 2, 2, r, seed=1) for r in range(2)]  # 2 ranks x 2 accumulation steps
@@ -466,3 +503,22 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(photo_dir, tmp_path
     monkeypatch.setattr(state, "save_file", real_save)
     run_stage(stage1_cfg(photo_dir, out, max_steps=4), resume=True)
     assert state.load_state(out / "checkpoints")[0] == 4
+
+
+def test_evaluation_reports_every_method_and_the_learner_probe(tiny_model, tmp_path, monkeypatch):
+    import dataclasses
+
+    from deedsr.train.config import EvalConfig
+    from deedsr.train.evaluate import evaluate, format_table, skimage_photo
+
+    monkeypatch.setattr(tiny_model.config, "sampler", dataclasses.replace(tiny_model.config.sampler, color_fix="wavelet"))
+    photos = {n: skimage_photo(n)[:96, :128] for n in ("astronaut", "chelsea")}
+    report = evaluate(tiny_model, photos, EvalConfig(steps=2), out_dir=tmp_path)
+    assert report["color_fix"] == "wavelet"
+    assert set(report["mean"]) == {"bicubic", "model", "model_no_noise_guidance", "model_no_color_fix"}
+    assert report["photos"][0]["hr_size"] == [128, 96] and report["photos"][0]["lr_size"] == [32, 24]
+    assert report["mean"]["model"] != report["mean"]["model_no_color_fix"]
+    assert 0 <= report["learner_degradation_retrieval"]["accuracy"] <= 1
+    table = format_table(report)
+    assert "| demo model, colour fix off |" in table and "cross-photo degradation retrieval" in table
+    assert (tmp_path / "chelsea_model_no_color_fix.png").is_file()

@@ -40,6 +40,7 @@ class ConfigError(ValueError):
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Stage2Config(_RunConfig):
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step, after the warm-up)
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0 = no EMA; else the exported weights are the EMA
@@ -135,6 +137,7 @@ class VaeConfig(_RunConfig):
     micro_batch: int = 0
     lr: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step)
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     kl_weight: float = 1e-6  # as SD's autoencoder: relative to the per-image summed reconstruction
@@ -164,6 +167,7 @@ class DemoConfig:
     train_photos: list[str] = field(default_factory=list)  # skimage.data names
     heldout_photos: list[str] = field(default_factory=lambda: ["astronaut", "chelsea"])
     weights_dtype: str = "float32"  # float32 | float16 (halves the committed files)
+    color_fix: str = "none"  # the sampler default written into the checkpoint: none | adain | wavelet
 
 
 STAGES = {"stage1": Stage1Config, "stage2": Stage2Config, "vae": VaeConfig}
@@ -259,6 +263,10 @@ def _validate(cfg, where: str) -> None:
     if isinstance(cfg, DemoConfig):
         if cfg.weights_dtype not in ("float32", "float16"):
             raise ConfigError(f"{where}.weights_dtype: must be float32 or float16, got '{cfg.weights_dtype}'")
+        from ..color import COLOR_FIXES
+
+        if cfg.color_fix not in COLOR_FIXES:
+            raise ConfigError(f"{where}.color_fix: must be one of {', '.join(COLOR_FIXES)}, got '{cfg.color_fix}'")
         if len(cfg.heldout_photos) != len(set(cfg.heldout_photos)):
             raise ConfigError(f"{where}.heldout_photos: duplicates")
         overlap = set(cfg.train_photos) & set(cfg.heldout_photos)
@@ -287,6 +295,8 @@ def _validate(cfg, where: str) -> None:
         _positive(cfg, where, "micro_batch", allow_zero=True)
         if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
             raise ConfigError(f"{where}.adam_betas: expected two numbers in [0, 1), got {cfg.adam_betas}")
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{where}.lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_schedule}'")
     if isinstance(cfg, Stage2Config):
         if cfg.optimizer not in ("adam", "adamw"):
             raise ConfigError(f"{where}.optimizer: must be adam or adamw, got '{cfg.optimizer}'")

@@ -11,6 +11,7 @@ interrupted is resumed, so the command can simply be run again after a crash.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -170,6 +171,7 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     from ..checkpoints import load_checkpoint
 
     model = load_checkpoint(Path(plan.stage2.out_dir) / "model")
+    model.config.sampler = dataclasses.replace(model.config.sampler, color_fix=plan.demo.color_fix)
     dtype = torch.float16 if plan.demo.weights_dtype == "float16" else None
     out = Path(out)
     save_components(model.config, {n: getattr(model, n) for n in ("learner", "adapter", "unet", "vae")}, out, dtype=dtype)

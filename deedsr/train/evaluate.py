@@ -3,9 +3,14 @@
 For every photo: the HR image (centre-cropped to `max_side` if set, sides cut to multiples of
 4) is degraded with one of the paper's Table 6 levels (deedsr.degradations.degrade_level, a
 numpy generator seeded per photo), quantised to 8 bits, and upscaled three ways: bicubic
-(Pillow, as the sampler's own input), the model with the default sampler (noise guidance at
-the first step), and the model with noise guidance off. PSNR and SSIM are computed on the
-BT.601 Y channel with `crop_border` pixels removed from each side.
+(Pillow, as the sampler's own input), the model with the checkpoint's default sampler (noise
+guidance at the first step, its colour fix), the model with noise guidance off, and, when the
+default has a colour fix, the model without it. PSNR and SSIM are computed on the BT.601 Y
+channel with `crop_border` pixels removed from each side.
+
+`degradation_retrieval` probes the degradation learner on its own: the same random
+degradations applied to crops of different photos; does the nearest neighbour of a crop's
+vector, among the other photo's crops, carry the same degradation?
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ from ..degradations import degrade_level
 from ..metrics import psnr, ssim
 from .config import EvalConfig
 
-__all__ = ["evaluate", "skimage_photo", "format_table"]
+__all__ = ["evaluate", "skimage_photo", "format_table", "degradation_retrieval"]
 
-METHODS = ("bicubic", "model", "model_no_noise_guidance")
+METHODS = ("bicubic", "model", "model_no_noise_guidance", "model_no_color_fix")
+LABELS = {"bicubic": "bicubic", "model": "demo model", "model_no_noise_guidance": "demo model, noise guidance off",
+          "model_no_color_fix": "demo model, colour fix off"}
 
 
 def skimage_photo(name: str) -> np.ndarray:
@@ -84,6 +91,8 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
             "model": pipe(lr8, seed=cfg.seed, steps=cfg.steps),
             "model_no_noise_guidance": pipe(lr8, seed=cfg.seed, steps=cfg.steps, noise_guidance_steps=()),
         }
+        if model.config.sampler.color_fix != "none":
+            results["model_no_color_fix"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, color_fix="none")
         seconds = time.monotonic() - t0
         row: dict[str, Any] = {"photo": name, "hr_size": [int(hr.shape[1]), int(hr.shape[0])],
                                "lr_size": [int(lr8.shape[1]), int(lr8.shape[0])], "seconds": round(seconds, 1)}
@@ -99,15 +108,27 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
             Image.fromarray(lr8).save(folder / f"{name}_lr.png")
             for method, img in results.items():
                 Image.fromarray(img).save(folder / f"{name}_{method}.png")
-    mean = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in ("psnr", "ssim")} for m in METHODS}
+    import torch
+
+    learner = model.learner.eval()
+    param = next(learner.parameters())
+    crop = min(256, *(min(p.shape[:2]) for p in photos.values())) // 16 * 16
+    with torch.no_grad():
+        retrieval = degradation_retrieval(
+            lambda x: learner(torch.from_numpy(x).to(param.device, param.dtype)).float().cpu().numpy(), photos,
+            crop_size=crop, seed=cfg.seed) if len(photos) > 1 else None
+    methods = [m for m in METHODS if m in rows[0]]
+    mean = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in ("psnr", "ssim")} for m in methods}
     return {
         "level": cfg.level,
+        "color_fix": model.config.sampler.color_fix,
         "seed": cfg.seed,
         "steps": cfg.steps,
         "crop_border": cfg.crop_border,
         "metric": "PSNR (dB) / SSIM on the BT.601 Y channel",
         "photos": rows,
         "mean": mean,
+        "learner_degradation_retrieval": retrieval,
     }
 
 
@@ -117,13 +138,57 @@ def format_table(report: dict[str, Any]) -> str:
     head = "| method | " + " | ".join(f"{n} PSNR / SSIM" for n in names) + " | mean PSNR / SSIM |"
     sep = "|---" * (len(names) + 2) + "|"
     lines = [head, sep]
-    labels = {"bicubic": "bicubic", "model": "demo model", "model_no_noise_guidance": "demo model, noise guidance off"}
-    for m in METHODS:
+    for m in (m for m in METHODS if m in report["mean"]):
         cells = [f"{r[m]['psnr']:.2f} / {r[m]['ssim']:.4f}" for r in report["photos"]]
         mean = report["mean"][m]
-        lines.append(f"| {labels[m]} | " + " | ".join(cells) + f" | {mean['psnr']:.2f} / {mean['ssim']:.4f} |")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {mean['psnr']:.2f} / {mean['ssim']:.4f} |")
+    probe = report.get("learner_degradation_retrieval")
+    if probe:
+        lines += ["", f"Degradation learner, cross-photo degradation retrieval: {probe['accuracy']:.3f} "
+                      f"(chance {probe['chance']:.3f}, {probe['samples']} degraded crops; see degradation_retrieval)."]
     return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def degradation_retrieval(encode, photos: dict[str, np.ndarray], *, degradations: int = 16, crops: int = 8,
+                          crop_size: int = 256, seed: int = 0) -> dict[str, float]:
+    """How well `encode` ((N, 3, h, w) float32 LR in [0, 1] -> (N, D)) separates degradations
+    regardless of content.
+
+    Every photo gives `crops` random crops; every crop is degraded `degradations` times with the
+    training distribution (deedsr.degradations), degradation j drawn from the same seed for all
+    crops, so every photo sees the same kernels, noise and JPEG qualities. Each vector is taken
+    relative to the mean over its crop's degradations (removing the content), and its nearest
+    neighbour by cosine among the other photos' crops is a hit when it has the same degradation.
+    Chance is 1 / degradations.
+    """
+    from ..degradations import DegradationConfig, degrade
+
+    if len(photos) < 2:
+        raise ValueError("degradation_retrieval needs at least two photos")
+    keys, images = [], []
+    for p, (name, photo) in enumerate(photos.items()):
+        h, w = photo.shape[:2]
+        if min(h, w) < crop_size:
+            raise ValueError(f"{name}: {w}x{h} is smaller than the {crop_size} crop")
+        rng = np.random.default_rng([seed, p])
+        for c in range(crops):
+            top, left = int(rng.integers(0, h - crop_size + 1)), int(rng.integers(0, w - crop_size + 1))
+            crop = photo[top : top + crop_size, left : left + crop_size].astype(np.float32) / 255.0
+            for j in range(degradations):
+                images.append(degrade(crop, np.random.default_rng([seed, 1000 + j]), DegradationConfig()))
+                keys.append((p, c, j))
+    feats = np.asarray(encode(np.stack(images).transpose(0, 3, 1, 2).astype(np.float32)), dtype=np.float64)
+    feats = feats.reshape(len(photos) * crops, degradations, -1)
+    feats = feats - feats.mean(axis=1, keepdims=True)
+    feats = feats.reshape(len(keys), -1)
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    sim = feats @ feats.T
+    photo_of = np.array([k[0] for k in keys])
+    degr_of = np.array([k[2] for k in keys])
+    sim[photo_of[:, None] == photo_of[None, :]] = -np.inf
+    hits = degr_of[sim.argmax(axis=1)] == degr_of
+    return {"accuracy": float(hits.mean()), "chance": 1.0 / degradations, "samples": len(keys)}

@@ -101,8 +101,13 @@ class Stage1(Stage):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.moco.enqueue(all_keys)
-        acc = (logits.argmax(dim=1) == 0).float().mean()
-        return {"loss": float(loss.detach()), "acc1": float(acc), "lr": lr}
+        with torch.no_grad():
+            sims = logits.detach() * self.moco.temperature
+            acc = (sims.argmax(dim=1) == 0).float().mean()
+            neg = sims[:, 1:]
+            # Collapse and near-duplicate negatives show here before they show in the loss.
+            return {"loss": float(loss.detach()), "acc1": float(acc), "lr": lr, "pos_sim": float(sims[:, 0].mean()),
+                    "neg_sim": float(neg.mean()), "hardest_neg_sim": float(neg.max(dim=1).values.mean())}
 
     def before_save(self) -> None:
         # DDP gives every rank rank 0's BatchNorm statistics at the start of each forward;

@@ -34,7 +34,7 @@ from . import dist as tdist
 from .artifacts import load_component, resolve_model_config
 from .config import ConfigError, Stage2Config
 from .data import DegradedImages
-from .trainer import Stage, autocast, derive_seed
+from .trainer import Stage, autocast, derive_seed, scheduled_lr
 
 log = logging.getLogger("deedsr.train")
 
@@ -163,8 +163,8 @@ class Stage2(Stage):
         self.make_scaler()
 
     def lr_at(self, step: int) -> float:
-        warm = self.cfg.warmup_steps
-        return self.cfg.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        cfg = self.cfg
+        return scheduled_lr(cfg.lr, step, self.total_steps(0), cfg.lr_schedule, cfg.warmup_steps)
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Eq. 9 on one micro-batch; all randomness from `generator`."""

@@ -33,7 +33,15 @@ from .state import CheckpointStateError, capture_rng, latest_checkpoint, load_st
 
 log = logging.getLogger("deedsr.train")
 
-__all__ = ["Stage", "run", "derive_seed", "autocast"]
+__all__ = ["Stage", "run", "derive_seed", "autocast", "scheduled_lr"]
+
+def scheduled_lr(base: float, step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """Linear warm-up over `warmup` steps, then constant or a cosine to 0 at `total` steps."""
+    lr = base * min(1.0, (step + 1) / warmup) if warmup else base
+    if schedule == "cosine" and total > warmup:
+        progress = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+        lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
 
 
 def derive_seed(*parts: int) -> int:

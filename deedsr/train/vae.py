@@ -28,7 +28,7 @@ from . import dist as tdist
 from .artifacts import resolve_model_config, save_components
 from .config import VaeConfig
 from .data import DegradedImages
-from .trainer import Stage, autocast, derive_seed
+from .trainer import Stage, autocast, derive_seed, scheduled_lr
 
 log = logging.getLogger("deedsr.train")
 
@@ -97,6 +97,9 @@ class VaeStage(Stage):
         return loss, {"l1": float(l1.detach()), "kl": float(kl.detach())}
 
     def train_step(self, step: int, micro_batches) -> dict[str, float]:
+        lr = scheduled_lr(self.cfg.lr, step, self.total_steps(0), self.cfg.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         n = len(micro_batches)
         totals: dict[str, float] = {}
@@ -112,7 +115,7 @@ class VaeStage(Stage):
                 totals[k] = totals.get(k, 0.0) + v / n
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {"loss": loss_sum / n, **totals, "lr": self.cfg.lr}
+        return {"loss": loss_sum / n, **totals, "lr": lr}
 
     def replica_tensors(self) -> list[torch.Tensor]:
         return list(self.vae.parameters())
