@@ -142,7 +142,8 @@ def demo_cmd(config, out, restart) -> None:
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the report here.")
 @click.option("--images", "images_out", default=None, type=click.Path(file_okay=False), help="Write LR and results here.")
 def evaluate_cmd(checkpoint, photos, level, steps, seed, crop_border, max_side, json_out, images_out) -> None:
-    """PSNR/SSIM (Y) of bicubic, the model and the model without noise guidance on held-out photos."""
+    """PSNR/SSIM (Y) of bicubic, the model and the model without noise guidance on held-out photos,
+    and the degradation learner's cross-photo degradation retrieval."""
     _setup_logging()
     from ..checkpoints import CheckpointError
     from .config import EvalConfig

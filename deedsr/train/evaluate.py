@@ -68,9 +68,11 @@ def prepare_hr(img: np.ndarray, max_side: int, scale: int) -> np.ndarray:
 
 def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str | Path | None = None,
              device: str = "cpu") -> dict[str, Any]:
-    """Scores of bicubic / model / model without noise guidance on each photo, and their means.
-    `model` is a DeeDSR model or a checkpoint folder. With `out_dir`, the LR and the three
-    results of each photo are written there as PNGs."""
+    """Scores of bicubic / model / model without noise guidance (/ without colour fix) on each
+    photo, their means, and the learner's degradation_retrieval over the photos. `model` is a
+    DeeDSR model or a checkpoint folder. With `out_dir`, the LR and the results of each photo
+    are written there as PNGs."""
+    import torch
     from PIL import Image
 
     from ..checkpoints import load_checkpoint
@@ -108,15 +110,15 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
             Image.fromarray(lr8).save(folder / f"{name}_lr.png")
             for method, img in results.items():
                 Image.fromarray(img).save(folder / f"{name}_{method}.png")
-    import torch
-
     learner = model.learner.eval()
     param = next(learner.parameters())
     crop = min(256, *(min(p.shape[:2]) for p in photos.values())) // 16 * 16
-    with torch.no_grad():
-        retrieval = degradation_retrieval(
-            lambda x: learner(torch.from_numpy(x).to(param.device, param.dtype)).float().cpu().numpy(), photos,
-            crop_size=crop, seed=cfg.seed) if len(photos) > 1 else None
+    retrieval = None
+    if len(photos) > 1 and crop >= 64:
+        with torch.no_grad():
+            retrieval = degradation_retrieval(
+                lambda x: learner(torch.from_numpy(x).to(param.device, param.dtype)).float().cpu().numpy(), photos,
+                crop_size=crop, seed=cfg.seed)
     methods = [m for m in METHODS if m in rows[0]]
     mean = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in ("psnr", "ssim")} for m in methods}
     return {
