@@ -161,6 +161,20 @@ def test_bad_configs_fail_with_one_line(tmp_path, text, expected):
     assert str(path) in str(e.value)
 
 
+def test_schedule_and_colour_fix_options_are_checked(tmp_path):
+    from deedsr.train.demo import load_demo
+
+    with pytest.raises(ConfigError, match=r"stage2.lr_schedule: must be one of constant, cosine, got 'step'$"):
+        load_stage_config(_write(tmp_path, "[stage2]\nlr_schedule = 'step'\n"), "stage2")
+    with pytest.raises(ConfigError, match=r"vae.lr_schedule: must be one of constant, cosine, got 'linear'$"):
+        load_stage_config(_write(tmp_path, "[vae]\nlr_schedule = 'linear'\n"), "vae")
+    with pytest.raises(ConfigError, match=r"demo.color_fix: must be one of none, adain, wavelet, got 'auto'$"):
+        load_demo(_write(tmp_path, "[demo]\ncolor_fix = 'auto'\n"))
+    plan = load_demo("configs/demo-tiny.toml")
+    assert (plan.demo.color_fix, plan.vae.lr_schedule, plan.stage2.lr_schedule) == ("wavelet", "cosine", "cosine")
+    assert plan.stage1.lr_milestones == []
+
+
 def test_cli_reports_one_line_errors(tmp_path, photo_dir):
     from deedsr.train.cli import train
 
