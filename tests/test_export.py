@@ -136,6 +136,17 @@ def test_da_convolution_is_not_a_batch_grouped_conv(tiny_engine_dir, manifest):
     assert convs and all(n.input[1] in initializers for n in convs)
 
 
+@pytest.mark.parametrize("name", ["adapter", "unet", "vae_decoder"])
+def test_attention_exports_as_softmax_of_a_scaled_matmul(tiny_engine_dir, manifest, name):
+    # No N x N tensor of zeros added to the scores (diffusers' baddbmm form), no shape-derived
+    # scale: every Softmax reads a MatMul of the (constant-)scaled query and key.
+    model = onnx.load(str(tiny_engine_dir / manifest["graphs"][name]["precisions"]["fp32"]["file"]))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmaxes
+    assert all(producer[n.input[0]].op_type == "MatMul" for n in softmaxes)
+
+
 def test_fp16_keeps_fp32_islands(tiny_engine_dir, manifest):
     model = onnx.load(str(tiny_engine_dir / manifest["graphs"]["unet"]["precisions"]["fp16"]["file"]))
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}

@@ -93,3 +93,28 @@ def test_config_validation():
         preset("huge")
     data = preset("tiny").to_dict()
     assert DeeDSRConfig.from_dict(data).to_dict() == data
+
+
+@pytest.mark.parametrize("kind", ["self", "cross", "spatial"])
+def test_scaled_attention_equals_diffusers_attention(kind):
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from deedsr.models.attention import ScaledDotProductAttention
+
+    torch.manual_seed(0)
+    if kind == "spatial":  # the VAE's mid-block form: GroupNorm, 4D input, residual
+        attn = Attention(32, heads=1, dim_head=32, norm_num_groups=8, residual_connection=True, bias=True,
+                         rescale_output_factor=2.0, _from_deprecated_attn_block=True)
+        x, context = torch.randn(2, 32, 6, 5), None
+    else:
+        attn = Attention(32, heads=4, dim_head=8, cross_attention_dim=24 if kind == "cross" else None)
+        x, context = torch.randn(2, 30, 32), (torch.randn(2, 7, 24) if kind == "cross" else None)
+    attn.eval()
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor())
+        ref = attn(x, encoder_hidden_states=context)
+        attn.set_processor(ScaledDotProductAttention())
+        ours = attn(x, encoder_hidden_states=context)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention masks are not used"):
+        attn(x, encoder_hidden_states=context, attention_mask=torch.ones(2, 30))

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 import torch.utils.checkpoint
-from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from ..config import AdapterConfig
+from .attention import ScaledDotProductAttention
 from .degradation_aware import DABlock
 
 
@@ -81,7 +82,7 @@ class DegradationAwareAdapter(nn.Module):
             _from_deprecated_attn_block=True,
         )
         _zero(attn.to_out[0])
-        attn.set_processor(AttnProcessor())  # plain math: traces without dtype casts
+        attn.set_processor(ScaledDotProductAttention())
         return attn
 
     @property

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import DeeDSRConfig
 from .adapter import DegradationAwareAdapter
+from .attention import use_scaled_attention
 from .learner import DegradationLearner
 from .unet import ModulatedUNet
 
@@ -21,7 +22,7 @@ class DeeDSR(nn.Module):
         self.adapter = DegradationAwareAdapter(config.adapter)
         self.unet = ModulatedUNet(config.unet, config.adapter.local_channels, config.modulation_hidden)
         self.vae = AutoencoderKL(**config.vae)
-        self.vae.set_default_attn_processor()
+        use_scaled_attention(self.vae)
 
     @property
     def scaling_factor(self) -> float:

@@ -12,6 +12,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from .attention import use_scaled_attention
+
 
 class Modulation(nn.Module):
     """SPADE-like: gamma, beta = conv3x3(ReLU(conv3x3(F_L))); zero-initialised, so identity."""
@@ -46,7 +48,7 @@ class ModulatedUNet(nn.Module):
     def __init__(self, unet_config: dict[str, Any], local_channels: int, hidden: int):
         super().__init__()
         self.unet = UNet2DConditionModel(**unet_config)
-        self.unet.set_default_attn_processor()
+        use_scaled_attention(self.unet)
         resnets = _resnets_in_order(self.unet)
         self.modulation = nn.ModuleList(
             Modulation(r.conv2.out_channels, local_channels, hidden) for r, _ in resnets

@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..models.attention import use_scaled_attention
 from . import dist as tdist
 from .artifacts import resolve_model_config, save_components
 from .config import VaeConfig
@@ -68,7 +69,7 @@ class VaeStage(Stage):
     def build(self) -> None:
         cfg = self.cfg
         self.vae = AutoencoderKL(**self.model_config.vae).to(self.device)
-        self.vae.set_default_attn_processor()
+        use_scaled_attention(self.vae)
         self.vae.train()
         self.module = _Reconstruct(self.vae)
         if self.info.distributed:
