@@ -85,9 +85,7 @@ class Stage1(Stage):
 
     def train_step(self, step: int, micro_batches) -> dict[str, float]:
         (batch,) = micro_batches
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(self.lr_at(step))
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 1, step))  # same on every rank
         with autocast(self.device, self.cfg.mixed_precision):
             q = self.encoder(batch["q"], self.bn_groups)
@@ -101,13 +99,13 @@ class Stage1(Stage):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.moco.enqueue(all_keys)
-        with torch.no_grad():
-            sims = logits.detach() * self.moco.temperature
-            acc = (sims.argmax(dim=1) == 0).float().mean()
-            neg = sims[:, 1:]
-            # Collapse and near-duplicate negatives show here before they show in the loss.
-            return {"loss": float(loss.detach()), "acc1": float(acc), "lr": lr, "pos_sim": float(sims[:, 0].mean()),
-                    "neg_sim": float(neg.mean()), "hardest_neg_sim": float(neg.max(dim=1).values.mean())}
+        # Cosines of query and keys: a collapse shows here (neg_sim rising toward pos_sim)
+        # where the loss alone could also mean harder negatives.
+        sims = logits.detach() * self.moco.temperature
+        neg = sims[:, 1:]
+        return {"loss": float(loss.detach()), "acc1": float((sims.argmax(dim=1) == 0).float().mean()), "lr": lr,
+                "pos_sim": float(sims[:, 0].mean()), "neg_sim": float(neg.mean()),
+                "hardest_neg_sim": float(neg.max(dim=1).values.mean())}
 
     def before_save(self) -> None:
         # DDP gives every rank rank 0's BatchNorm statistics at the start of each forward;

@@ -191,9 +191,7 @@ class Stage2(Stage):
         return torch.Generator(device=dev).manual_seed(seed)
 
     def train_step(self, step: int, micro_batches) -> dict[str, float]:
-        lr = self.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(self.lr_at(step))
         self.optimizer.zero_grad(set_to_none=True)
         n = len(micro_batches)
         total = 0.0

@@ -35,6 +35,7 @@ log = logging.getLogger("deedsr.train")
 
 __all__ = ["Stage", "run", "derive_seed", "autocast", "scheduled_lr"]
 
+
 def scheduled_lr(base: float, step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
     """Linear warm-up over `warmup` steps, then constant or a cosine to 0 at `total` steps."""
     lr = base * min(1.0, (step + 1) / warmup) if warmup else base
@@ -119,6 +120,11 @@ class Stage:
         return None
 
     # -- helpers -----------------------------------------------------------------------
+    def set_lr(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 

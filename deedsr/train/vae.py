@@ -98,9 +98,7 @@ class VaeStage(Stage):
         return loss, {"l1": float(l1.detach()), "kl": float(kl.detach())}
 
     def train_step(self, step: int, micro_batches) -> dict[str, float]:
-        lr = scheduled_lr(self.cfg.lr, step, self.total_steps(0), self.cfg.lr_schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(scheduled_lr(self.cfg.lr, step, self.total_steps(0), self.cfg.lr_schedule))
         self.optimizer.zero_grad(set_to_none=True)
         n = len(micro_batches)
         totals: dict[str, float] = {}
