@@ -562,21 +562,16 @@ def test_reference_adapter_arithmetic_matches_after_import(cfg, reference_state,
         torch.testing.assert_close(block(x, block.condition(deg)), want, rtol=1e-9, atol=1e-9)
 
 
-def test_reference_unknown_adapter_key_fails(cfg, reference_state, tmp_path):
+@pytest.mark.parametrize("key, expected", [
+    ("Encoder_degrad.input_blocks.1.1.body.0.extra.weight", r"Encoder_degrad\.input_blocks\.1\.1\.body\.0\.extra\.weight"),
+    ("model.diffusion_model.input_blocks.1.0.spade.mlp_extra.weight", r"spade\.mlp_extra\.weight"),
+], ids=["adapter", "unet"])
+def test_reference_unknown_key_fails(cfg, reference_state, tmp_path, key, expected):
     state = dict(reference_state)
-    state["Encoder_degrad.input_blocks.1.1.body.0.extra.weight"] = torch.zeros(3)
+    state[key] = torch.zeros(3)
     path = tmp_path / "extra.safetensors"
     save_file(state, str(path))
-    with pytest.raises(CheckpointError, match=r"Encoder_degrad\.input_blocks\.1\.1\.body\.0\.extra\.weight"):
-        import_reference_checkpoint(path, config=cfg)
-
-
-def test_reference_unknown_unet_key_fails(cfg, reference_state, tmp_path):
-    state = dict(reference_state)
-    state["model.diffusion_model.input_blocks.1.0.spade.mlp_extra.weight"] = torch.zeros(3)
-    path = tmp_path / "extra_unet.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(CheckpointError, match=r"spade\.mlp_extra\.weight"):
+    with pytest.raises(CheckpointError, match=expected):
         import_reference_checkpoint(path, config=cfg)
 
 
