@@ -42,7 +42,7 @@ def main() -> None:
 
     from deedsr.config import preset
     from deedsr.models import DeeDSR
-    from export.engine_dir import export_engine_dir
+    from deedsr.export.engine_dir import export_engine_dir
 
     torch.manual_seed(0)
     model = DeeDSR(preset(args.preset)).eval()

@@ -50,7 +50,7 @@ def build_model(preset: str, modulation_std: float):
 
 
 def weights_hash(model) -> str:
-    from export.onnx_io import weights_sha256
+    from deedsr.export.onnx_io import weights_sha256
 
     return weights_sha256(model)
 
@@ -62,7 +62,7 @@ def engine_dir(args, model) -> tuple[Path, bool]:
         path = Path(args.engines)
         manifest = json.loads((path / "manifest.json").read_text())
         return path, manifest.get("model", {}).get("weights_sha256") == digest
-    from export.engine_dir import export_engine_dir
+    from deedsr.export.engine_dir import export_engine_dir
 
     cache = Path(os.environ.get("DEEDSR_CACHE") or Path.home() / ".cache" / "deedsr") / "bench"
     path = cache / f"{args.preset}-{digest[:12]}-t{args.tile or 'default'}-{args.precision}"
@@ -100,7 +100,7 @@ def time_reference(model, image, args, tile):
 
 
 def time_runtime(engines, image, args, tile):
-    from runtime.upscaler import Upscaler
+    from deedsr.runtime.upscaler import Upscaler
 
     upscaler = Upscaler.from_engine_dir(engines, backend="ort", precision=args.precision, threads=args.threads)
     backend = upscaler.backend
@@ -154,7 +154,7 @@ def time_runtime(engines, image, args, tile):
 
 def cold_start(engines, args, tile):
     """Fresh interpreters: import + open (sessions are created lazily), and the CLI to its output."""
-    code = ("import time; t = time.perf_counter(); from runtime import Upscaler; "
+    code = ("import time; t = time.perf_counter(); from deedsr.runtime import Upscaler; "
             f"u = Upscaler.from_engine_dir({str(engines)!r}, backend='ort', precision={args.precision!r}, "
             f"threads={args.threads}); print(time.perf_counter() - t)")
     t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def cold_start(engines, args, tile):
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.png"
         Image.fromarray(test_image(args.size)).save(src)
-        cmd = [sys.executable, "-m", "runtime.cli", "upscale", str(src), "-o", str(Path(tmp) / "out"),
+        cmd = [sys.executable, "-m", "deedsr.cli", "upscale", str(src), "-o", str(Path(tmp) / "out"),
                "--engines", str(engines), "--backend", "ort", "--precision", args.precision,
                "--threads", str(args.threads), "--steps", str(args.steps), "--seed", str(args.seed)]
         if tile:
@@ -200,7 +200,7 @@ def run_child(args) -> None:
         DeeDSRPipeline(build_model(args.preset, args.modulation_std))(image, seed=args.seed, steps=args.steps,
                                                                      tile=args.tile)
     else:
-        from runtime.upscaler import Upscaler
+        from deedsr.runtime.upscaler import Upscaler
 
         Upscaler.from_engine_dir(args.engines, backend="ort", precision=args.precision,
                                  threads=args.threads).upscale(image, seed=args.seed, steps=args.steps, tile=args.tile)

@@ -1,7 +1,8 @@
 """DeeDSR checkpoints: a folder with config.json and one safetensors file per component.
 
 Loading checks every tensor (missing, unexpected, mis-shaped) and names the file at
-fault. Nothing is ever unpickled.
+fault. Nothing is ever unpickled. This module is the format only; the model is built by
+`deedsr.models.load_checkpoint` (= `DeeDSR.from_pretrained`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import DeeDSRConfig
-from .models.model import COMPONENTS, DeeDSR
 
 CONFIG_NAME = "config.json"
 FORMAT = "deedsr-checkpoint"
@@ -62,8 +62,9 @@ def save_components(config: DeeDSRConfig, modules: dict[str, torch.nn.Module], p
     return path
 
 
-def save_checkpoint(model: DeeDSR, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    return save_components(model.config, {name: getattr(model, name) for name in COMPONENTS}, path, dtype)
+def save_checkpoint(model, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Every component of a DeeDSR model (`model.COMPONENTS`)."""
+    return save_components(model.config, {name: getattr(model, name) for name in model.COMPONENTS}, path, dtype)
 
 
 def read_config(path: str | Path) -> DeeDSRConfig:
@@ -112,16 +113,3 @@ def check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: 
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{where}: unexpected tensor '{extra[0]}' ({len(extra)} in all)")
-
-
-def load_checkpoint(path: str | Path, components: tuple[str, ...] = COMPONENTS) -> DeeDSR:
-    """Build the model from config.json and load the named components' weights."""
-    path = Path(path)
-    model = DeeDSR(read_config(path))
-    for name in components:
-        file = component_file(path, name)
-        state = load_state(file)
-        module = getattr(model, name)
-        check_state(module, state, str(file))
-        module.load_state_dict(state)
-    return model.eval()

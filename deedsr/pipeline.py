@@ -11,63 +11,22 @@ the result's randomness. The numpy runtime draws in the same order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .color import color_fix
 from .config import SamplerConfig
 from .models import DeeDSR
+from .runtime.errors import Cancelled, StepInfo
+from .runtime.imageops import bicubic_upscale, check_image, pad_to_multiple
+from .runtime.sampler import INITS
+from .runtime.tiling import gaussian_weights, tiles
 from .schedule import make_scheduler
-from .tiling import gaussian_weights, tiles
 
-INITS = ("noise", "lr")
-
-
-class Cancelled(Exception):
-    """Raised when a step callback returns False."""
-
-
-@dataclass
-class StepInfo:
-    index: int
-    steps: int
-    timestep: int
-    guided: bool
-
-
-def bicubic_upscale(image: np.ndarray, scale: int) -> np.ndarray:
-    """float32 HxWx3 in [0, 1] -> (scale*H)x(scale*W)x3, Pillow's bicubic on each float channel."""
-    h, w = image.shape[:2]
-    channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize(
-            (w * scale, h * scale), Image.BICUBIC
-        ))
-        for c in range(image.shape[2])
-    ]
-    return np.stack(channels, axis=-1).astype(np.float32)
-
-
-def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
-    """Reflect-pad the bottom and right of HxWxC so both sides are multiples of `multiple`."""
-    h, w = image.shape[:2]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return image
-    mode = "reflect" if ph < h and pw < w else "symmetric"
-    return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode)
-
-
-def check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise ValueError("expected a uint8 numpy array")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an RGB image of shape HxWx3, got {image.shape}")
-    if min(image.shape[:2]) < 8:
-        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}; each side must be at least 8 pixels")
+__all__ = ["Cancelled", "DeeDSRPipeline", "StepInfo", "latent_shape"]
 
 
 class DeeDSRPipeline:

@@ -5,12 +5,11 @@ import numpy as np
 from diffusers import DDIMScheduler
 
 from .config import SchedulerConfig
+from .runtime.sampler import Schedule
 
 
 def make_scheduler(config: SchedulerConfig, steps: int) -> DDIMScheduler:
     """scaled-linear betas, epsilon prediction, t = 981, 961, ..., 1 for 50 steps."""
-    if steps < 1 or steps > config.num_train_timesteps:
-        raise ValueError(f"steps must be in 1..{config.num_train_timesteps}, got {steps}")
     scheduler = DDIMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_start=config.beta_start,
@@ -22,6 +21,8 @@ def make_scheduler(config: SchedulerConfig, steps: int) -> DDIMScheduler:
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
+    # the runtime's rule for which step counts the schedule can space (t must stay < T)
+    Schedule(scheduler.alphas_cumprod.numpy(), steps_offset=1).timesteps(steps)
     scheduler.set_timesteps(steps)
     return scheduler
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .checkpoints import load_checkpoint
 from .config import preset as preset_config
-from .models import DeeDSR
+from .models import DeeDSR, load_checkpoint
 from .pipeline import DeeDSRPipeline
 
 RANDOM_INIT_SEED = 0
@@ -35,6 +34,15 @@ class TorchUpscaler:
     @property
     def default_steps(self) -> int:
         return self.config.sampler.steps
+
+    def options(self, **overrides):
+        """The sampler settings for these overrides; ValueError for a bad one (before any image)."""
+        return self.pipeline.sampler_config(**overrides)
+
+    def check(self, height: int, width: int, tile: int | None = None) -> None:
+        """The reference takes any size of at least 8 px a side; memory is the user's to judge."""
+        if min(height, width) < 8:
+            raise ValueError(f"image is {width}x{height}; each side must be at least 8 pixels")
 
     def upscale(self, image: np.ndarray, *, seed: int = 0, callback=None, **options) -> np.ndarray:
         return self.pipeline(image, seed=seed, callback=callback, **options)

@@ -38,4 +38,4 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'engines' has no attribute {name!r}")
+    raise AttributeError(f"module 'deedsr.engines' has no attribute {name!r}")

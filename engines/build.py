@@ -24,16 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runtime.backends.trt import GpuInfo, gpu_identity, human_bytes, import_tensorrt, is_oom_message
-from runtime.errors import EngineError
-from runtime.manifest import Manifest
+from deedsr.runtime.backends.cuda import gpu_identity
+from deedsr.runtime.backends.trt_api import import_tensorrt, is_oom_message
+from deedsr.runtime.contract import GRAPH_ORDER, PER_STEP
+from deedsr.runtime.errors import EngineError
+from deedsr.runtime.manifest import Manifest
+from deedsr.runtime.memory import human_bytes
+from deedsr.runtime.memory import parse_bytes as _parse_bytes
+from deedsr.runtime.plans import GpuInfo
 
 from . import records
 from .errors import BuildError
 from .modes import BuildMode, check_graph_version, choose_mode, supports_opt_level
 from .profiles import describe_profile, graph_profile, plan_dims
-
-GRAPH_ORDER = ("degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder", "denoiser")
 
 
 @dataclass
@@ -74,12 +77,10 @@ def parse_bytes(text: str | int | None) -> int | None:
     """"4G", "512M", "1.5GiB", 1048576 -> bytes."""
     if text is None or isinstance(text, int):
         return text
-    import re
-
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", str(text).lower())
-    if not m:
-        raise BuildError(f"cannot read a memory size from {text!r} (e.g. 4G, 512M)")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+    try:
+        return _parse_bytes(str(text))
+    except ValueError:
+        raise BuildError(f"cannot read a memory size from {text!r} (e.g. 4G, 512M)") from None
 
 
 def select_graphs(manifest: Manifest, graphs) -> list[str]:
@@ -108,8 +109,13 @@ def plan_settings(data, graph: str, options: BuildOptions) -> tuple[dict, dict]:
 def _polygraphy():
     try:
         import polygraphy
-        from polygraphy.backend.trt import (CreateConfig, Profile, engine_from_network, network_from_onnx_path,
-                                            save_engine)
+        from polygraphy.backend.trt import (
+            CreateConfig,
+            Profile,
+            engine_from_network,
+            network_from_onnx_path,
+            save_engine,
+        )
         from polygraphy.exception import PolygraphyException
         from polygraphy.logger import G_LOGGER
     except ImportError:
@@ -298,7 +304,7 @@ def _build_one(env: _Env, poly: dict, graph: str, dims: dict, profile: dict, tag
 
 
 def _per_step(env: _Env, graph: str) -> bool:
-    return env.manifest.graphs[graph].stage == "per_step"
+    return env.manifest.graphs[graph].stage == PER_STEP
 
 
 def _parse(env: _Env, poly: dict, graph: str, path: Path, lines: list[str]):

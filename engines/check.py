@@ -7,7 +7,7 @@
    with the same seed (PSNR over RGB);
 3. per-step and per-image latency of the trt backend.
 
-    python -m engines.check ENGINE_DIR [--image LR.png] [--steps 20] [--min-cosine 0.999] [--min-psnr 35]
+    python -m deedsr.engines.check ENGINE_DIR [--image LR.png] [--steps 20] [--min-cosine 0.999] [--min-psnr 35]
 
 Needs TensorRT, a GPU, polygraphy and onnxruntime; no torch. Exit code 1 when a threshold fails.
 """
@@ -19,6 +19,14 @@ import sys
 import time
 
 import numpy as np
+from deedsr.runtime.contract import (
+    ADAPTER,
+    DENOISER,
+    LEARNER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 
 COSINE_MIN = 0.999
 PSNR_MIN = 35.0
@@ -62,21 +70,21 @@ def make_inputs(manifest, records: dict, reference: _Reference, seed: int = 0, b
     images/latents, realistic conditions (the learner's) and UNet inputs (the adapter's)."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, dict] = {}
-    lr_rec = records["degradation_learner"]
+    lr_rec = records[LEARNER]
     lr = rng.uniform(0, 1, (1, 3, _opt(lr_rec, "lr_height"), _opt(lr_rec, "lr_width"))).astype(np.float32)
-    feeds["degradation_learner"] = {"lr": lr}
-    conditions = {k: v for k, v in reference.run("degradation_learner", {"lr": lr}).items()
+    feeds[LEARNER] = {"lr": lr}
+    conditions = {k: v for k, v in reference.run(LEARNER, {"lr": lr}).items()
                   if k in manifest.conditions}
-    if "vae_encoder" in records:
-        r = records["vae_encoder"]
-        feeds["vae_encoder"] = {"image": rng.uniform(-1, 1, (1, 3, _opt(r, "image_height"), _opt(r, "image_width")))
+    if VAE_ENCODER in records:
+        r = records[VAE_ENCODER]
+        feeds[VAE_ENCODER] = {"image": rng.uniform(-1, 1, (1, 3, _opt(r, "image_height"), _opt(r, "image_width")))
                                 .astype(np.float32)}
-    if "vae_decoder" in records:
-        r = records["vae_decoder"]
+    if VAE_DECODER in records:
+        r = records[VAE_DECODER]
         c = manifest.image["latent_channels"]
-        feeds["vae_decoder"] = {"latent": rng.standard_normal((1, c, _opt(r, "latent_height"),
+        feeds[VAE_DECODER] = {"latent": rng.standard_normal((1, c, _opt(r, "latent_height"),
                                                                _opt(r, "latent_width"))).astype(np.float32)}
-    step = next((records[g] for g in ("adapter", "unet", "denoiser") if g in records), None)
+    step = next((records[g] for g in (ADAPTER, UNET, DENOISER) if g in records), None)
     if step is not None:
         b = max(1, min(batch, int(step["dims"]["batch"]["max"])))
         th, tw = _opt(step, "tile_height"), _opt(step, "tile_width")
@@ -85,31 +93,31 @@ def make_inputs(manifest, records: dict, reference: _Reference, seed: int = 0, b
         z_lr = rng.standard_normal((b, c, th, tw)).astype(np.float32)
         timestep = np.linspace(981, 41, b).astype(np.float32)
         conds = {k: np.repeat(v, b, axis=0) for k, v in conditions.items()}
-        feeds["adapter"] = {"z_lr": z_lr, "timestep": timestep, **conds}
-        feeds["denoiser"] = {"x_t": x_t, "timestep": timestep, "z_lr": z_lr, **conds}
-        if "unet" in records:
-            adapter = reference.run("adapter", feeds["adapter"])
-            feeds["unet"] = {"x_t": x_t, "timestep": timestep, **adapter}
+        feeds[ADAPTER] = {"z_lr": z_lr, "timestep": timestep, **conds}
+        feeds[DENOISER] = {"x_t": x_t, "timestep": timestep, "z_lr": z_lr, **conds}
+        if UNET in records:
+            adapter = reference.run(ADAPTER, feeds[ADAPTER])
+            feeds[UNET] = {"x_t": x_t, "timestep": timestep, **adapter}
     return {g: f for g, f in feeds.items() if g in records}
 
 
 def compare(engine_dir, min_cosine: float = COSINE_MIN, seed: int = 0, echo=print) -> list[dict]:
     """Each plan (and the device-bound step path) vs ONNX Runtime fp32; rows of results."""
-    from runtime.backends.trt import TrtBackend, plan_records
-    from runtime.manifest import Manifest
-
-    from runtime.errors import EngineError
+    from deedsr.runtime.backends.trt import TrtBackend
+    from deedsr.runtime.errors import EngineError
+    from deedsr.runtime.manifest import Manifest
+    from deedsr.runtime.plans import plan_records
 
     manifest = Manifest.load(engine_dir)
     records = plan_records(manifest.data)
-    missing = [g for g in ("degradation_learner", "vae_encoder", "vae_decoder") if g not in records]
+    missing = [g for g in (LEARNER, VAE_ENCODER, VAE_DECODER) if g not in records]
     if missing:
         raise EngineError(f"{manifest.root}: no TensorRT plan for {', '.join(missing)}; build them on this machine: "
                           f"deedsr-export build-engines {manifest.root}")
     reference = _Reference(manifest)
     inputs = make_inputs(manifest, records, reference, seed)
     rows, done = [], set()
-    paths = [False, True] if "denoiser" in records and {"adapter", "unet"} <= set(records) else [None]
+    paths = [False, True] if DENOISER in records and {ADAPTER, UNET} <= set(records) else [None]
     for use_denoiser in paths:
         backend = TrtBackend(manifest, "fp16", use_denoiser=use_denoiser, cuda_graphs=False)
         try:
@@ -120,12 +128,12 @@ def compare(engine_dir, min_cosine: float = COSINE_MIN, seed: int = 0, echo=prin
                 got = backend.run(graph, inputs[graph])
                 for name in manifest.graphs[graph].output_names:
                     rows.append(_row(graph, name, ref[name], got[name], min_cosine))
-            f = inputs.get("denoiser") or {}
+            f = inputs.get(DENOISER) or {}
             if f:
                 conds = {k: f[k] for k in manifest.conditions}
                 got = backend.denoise(f["x_t"], f["timestep"], f["z_lr"], conds)
-                ref = reference.run("unet", {"x_t": f["x_t"], "timestep": f["timestep"],
-                                             **reference.run("adapter", {"z_lr": f["z_lr"], "timestep": f["timestep"],
+                ref = reference.run(UNET, {"x_t": f["x_t"], "timestep": f["timestep"],
+                                             **reference.run(ADAPTER, {"z_lr": f["z_lr"], "timestep": f["timestep"],
                                                                          **conds})})["eps"]
                 rows.append(_row("step:" + ("denoiser" if backend.use_denoiser else "adapter->unet"), "eps", ref, got,
                                  min_cosine))
@@ -155,7 +163,7 @@ def _load_image(path) -> np.ndarray:
 def end_to_end(engine_dir, image: np.ndarray, steps: int, seed: int = 0, min_psnr: float = PSNR_MIN,
                echo=print) -> dict:
     """trt backend vs ort fp32 (the fp32 reference) on one image, same seed; and latency."""
-    from runtime.upscaler import Upscaler
+    from deedsr.runtime.upscaler import Upscaler
 
     ref_up = Upscaler.from_engine_dir(engine_dir, backend="ort", precision="fp32")
     started = time.perf_counter()
@@ -187,7 +195,7 @@ def end_to_end(engine_dir, image: np.ndarray, steps: int, seed: int = 0, min_psn
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m deedsr.engines.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("engine_dir")
     parser.add_argument("--image", help="LR image for the end-to-end check (default: the bundled astronaut)")
     parser.add_argument("--steps", type=int, default=20)
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args(argv)
-    from runtime.errors import EngineError
+    from deedsr.runtime.errors import EngineError
 
     ok = True
     try:
@@ -205,7 +213,7 @@ def main(argv=None) -> int:
             rows = compare(args.engine_dir, args.min_cosine, args.seed)
             ok &= all(r["ok"] for r in rows)
         if not args.skip_end_to_end:
-            from runtime.demo import ASSET
+            from deedsr.runtime.demo import ASSET
 
             image = _load_image(args.image or ASSET)
             ok &= end_to_end(args.engine_dir, image, args.steps, args.seed, args.min_psnr)["ok"]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from runtime.manifest import eval_shape
+from deedsr.runtime.contract import PER_STEP
+from deedsr.runtime.manifest import eval_shape
 
 from .errors import BuildError
 
@@ -43,7 +44,7 @@ def plan_dims(data: Mapping, graph: str, *, static: bool = False, max_batch: int
         tile = int(data["sampler"]["tile"])
     except KeyError as e:
         raise BuildError(f"manifest.json lacks {e.args[0]!r} (for {graph}); re-export") from None
-    per_step = stage == "per_step"
+    per_step = stage == PER_STEP
     out: dict[str, dict] = {}
     for name in dims_used(data, graph):
         if name not in manifest_dims:

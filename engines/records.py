@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
-from runtime.backends.trt import PLANS_KEY, GpuInfo, plan_mismatch, plan_records
+from deedsr.runtime.plans import PLANS_KEY, GpuInfo, plan_mismatch, plan_records
 
 from .errors import BuildError
 from .modes import BuildMode

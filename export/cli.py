@@ -14,7 +14,7 @@ class _ExportCommand(click.Command):
     def main(self, args=None, prog_name=None, **extra):
         argv = list(sys.argv[1:] if args is None else args)
         if argv and argv[0] == "build-engines":
-            from engines.cli import build_engines
+            from deedsr.engines.cli import build_engines
 
             name = f"{prog_name or 'deedsr-export'} build-engines"
             return build_engines.main(argv[1:], prog_name=name, **extra)
@@ -46,6 +46,7 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
     """Trace the learner, VAE, adapter and modulated UNet into ONNX graphs with a manifest."""
     if bool(checkpoint) == bool(preset):
         raise click.UsageError("give exactly one of --checkpoint DIR or --preset NAME")
+    from deedsr.runtime.contract import OPTIONAL_GRAPHS, REQUIRED_GRAPHS
     from tqdm import tqdm
 
     from deedsr.checkpoints import CheckpointError
@@ -56,8 +57,7 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
     start = time.perf_counter()
     try:
         model = _load(checkpoint, preset)
-        names = ["degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder"]
-        names += ["denoiser"] if fuse_denoiser else []
+        names = [*REQUIRED_GRAPHS, *(OPTIONAL_GRAPHS if fuse_denoiser else ())]
         with tqdm(total=len(names), desc="export", unit="graph", file=sys.stderr) as bar:
             def progress(name):
                 bar.set_postfix_str(name)
@@ -76,7 +76,7 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
         sys.exit(1)
     click.echo(f"{path} ({time.perf_counter() - start:.1f} s)")
     if build_engines:
-        from engines.cli import run_build
+        from deedsr.engines.cli import run_build
 
         code = run_build(path, suffix=f" (the ONNX graphs in {path} are complete: build the plans later with "
                                       f"deedsr-export build-engines {path})")
@@ -87,9 +87,8 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
 def _load(checkpoint, preset):
     import torch
 
-    from deedsr.checkpoints import load_checkpoint
     from deedsr.config import preset as preset_config
-    from deedsr.models import DeeDSR
+    from deedsr.models import DeeDSR, load_checkpoint
 
     if checkpoint:
         return load_checkpoint(checkpoint)

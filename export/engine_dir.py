@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from deedsr.runtime.contract import MANIFEST, PRECISIONS, ROLES, SCHEMA, SCHEMA_VERSION
 
 from deedsr import __version__
 from deedsr.models import DeeDSR
@@ -18,9 +19,6 @@ from deedsr.schedule import alphas_cumprod
 from . import onnx_io, trt_ops
 from .graphs import condition_names, graph_specs
 
-SCHEMA = "deedsr-engine"
-SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
 MIN_OPSET, MAX_OPSET = 14, 17
 
 
@@ -92,7 +90,7 @@ def export_engine_dir(
             if progress:
                 progress(spec.name)
         manifest = build_manifest(model, dims, graphs, opset, tile)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -152,7 +150,7 @@ def _export_one(spec, root: Path, dims: dict, precisions, opset: int) -> dict:
 
 
 def _example_dims(name: str, dims: dict) -> tuple[int, int]:
-    prefix = {"degradation_learner": "lr", "vae_encoder": "image", "vae_decoder": "latent"}.get(name, "tile")
+    prefix = ROLES[name].dims
     return dims[f"{prefix}_height"]["opt"], dims[f"{prefix}_width"]["opt"]
 
 

@@ -9,11 +9,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from deedsr.runtime.contract import (
+    ADAPTER,
+    DENOISER,
+    LEARNER,
+    ROLES,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 from torch import nn
 
 from deedsr.models import DeeDSR
-
-GRAPH_ORDER = ("degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder", "denoiser")
 
 
 def condition_names(model: DeeDSR) -> list[str]:
@@ -92,7 +99,7 @@ class DenoiserGraph(nn.Module):
 @dataclass
 class GraphSpec:
     name: str
-    stage: str  # "per_image" | "per_step"
+    stage: str  # contract.PER_IMAGE | contract.PER_STEP
     module: nn.Module
     inputs: list[tuple[str, list]]
     outputs: list[tuple[str, list]]
@@ -139,32 +146,32 @@ def graph_specs(model: DeeDSR, fuse_denoiser: bool = False) -> list[GraphSpec]:
 
     specs = [
         GraphSpec(
-            "degradation_learner", "per_image", LearnerGraph(model),
+            LEARNER, ROLES[LEARNER].stage, LearnerGraph(model),
             [("lr", ["batch", 3, "lr_height", "lr_width"])],
             [("degradation", ["batch", ad.degradation_dim])] + conds,
             lambda b, h, w: (torch.rand(b, 3, h, w),),
         ),
         GraphSpec(
-            "vae_encoder", "per_image", VaeEncoderGraph(model),
+            VAE_ENCODER, ROLES[VAE_ENCODER].stage, VaeEncoderGraph(model),
             [("image", ["batch", 3, "image_height", "image_width"])],
             [("latent", ["batch", lat, f"image_height/{down}", f"image_width/{down}"])],
             lambda b, h, w: (torch.rand(b, 3, h, w) * 2 - 1,),
         ),
         GraphSpec(
-            "adapter", "per_step", AdapterGraph(model),
+            ADAPTER, ROLES[ADAPTER].stage, AdapterGraph(model),
             [("z_lr", tile), timestep] + conds,
             local + [tokens],
             lambda b, h, w: (randn(b, lat, h, w), t_example(b), *cond_examples(b)),
         ),
         GraphSpec(
-            "unet", "per_step", UNetGraph(model),
+            UNET, ROLES[UNET].stage, UNetGraph(model),
             [("x_t", tile), timestep, tokens] + local,
             [("eps", tile)],
             lambda b, h, w: (randn(b, lat, h, w), t_example(b), randn(b, (h // m) * (w // m), ad.token_dim),
                              *local_examples(b, h, w)),
         ),
         GraphSpec(
-            "vae_decoder", "per_image", VaeDecoderGraph(model),
+            VAE_DECODER, ROLES[VAE_DECODER].stage, VaeDecoderGraph(model),
             [("latent", ["batch", lat, "latent_height", "latent_width"])],
             [("image", ["batch", 3, f"latent_height*{down}", f"latent_width*{down}"])],
             lambda b, h, w: (randn(b, lat, h, w),),
@@ -172,7 +179,7 @@ def graph_specs(model: DeeDSR, fuse_denoiser: bool = False) -> list[GraphSpec]:
     ]
     if fuse_denoiser:
         specs.append(GraphSpec(
-            "denoiser", "per_step", DenoiserGraph(model),
+            DENOISER, ROLES[DENOISER].stage, DenoiserGraph(model),
             [("x_t", tile), timestep, ("z_lr", tile)] + conds,
             [("eps", tile)],
             lambda b, h, w: (randn(b, lat, h, w), t_example(b), randn(b, lat, h, w), *cond_examples(b)),

@@ -1,10 +1,10 @@
 """The deedsr runtime: numpy + onnxruntime or TensorRT. Never imports torch, diffusers,
 deedsr or export.
 
-    from runtime import Upscaler
+    from deedsr.runtime import Upscaler
     sr = Upscaler.from_engine_dir("ENGINE_DIR").upscale(lr_uint8_hwc, seed=0)
 
-Names are imported on first use, so `import runtime` stays cheap and onnxruntime is loaded
+Names are imported on first use, so `import deedsr.runtime` stays cheap and onnxruntime is loaded
 only when an Upscaler opens a backend.
 """
 
@@ -32,4 +32,4 @@ def __getattr__(name):
         value = getattr(module, name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    raise AttributeError(f"module 'deedsr.runtime' has no attribute {name!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +19,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import __version__
+from .contract import MANIFEST, SCHEMA_VERSION
 from .errors import EngineError
-from .manifest import MANIFEST, SCHEMA_VERSION
+from .memory import cache_root
 
 log = logging.getLogger(__name__)
 
 ASSET = Path(__file__).parent / "assets" / "astronaut_lr.png"
 DEMO_PRESET = "tiny"
-
-
-def cache_root() -> Path:
-    base = os.environ.get("DEEDSR_CACHE")
-    if base:
-        return Path(base).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deedsr"
 
 
 def demo_checkpoint() -> Path | None:
@@ -82,7 +75,7 @@ def built_demo_engine_dir() -> Path | None:
 def export_command(out: Path) -> list[str]:
     checkpoint = demo_checkpoint()
     model = ["--checkpoint", str(checkpoint)] if checkpoint else ["--preset", DEMO_PRESET]
-    return [sys.executable, "-c", "from export.cli import main; main(prog_name='deedsr-export')",
+    return [sys.executable, "-c", "from deedsr.export.cli import main; main(prog_name='deedsr-export')",
             *model, "--out", str(out), "--precision", "fp32"]
 
 

@@ -16,14 +16,20 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .contract import (
+    DENOISER,
+    MANIFEST,
+    OPTIONAL_GRAPHS,
+    PER_IMAGE,
+    PRECISIONS,
+    REQUIRED_GRAPHS,
+    ROLES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    call_order,
+)
 from .errors import EngineError, ShapeError
 
-SCHEMA = "deedsr-engine"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-REQUIRED_GRAPHS = ("degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder")
-OPTIONAL_GRAPHS = ("denoiser",)
-PRECISIONS = ("fp32", "fp16")
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 DIM_NAMES = ("batch", "lr_height", "lr_width", "image_height", "image_width", "latent_height", "latent_width",
              "tile_height", "tile_width")
@@ -184,6 +190,11 @@ class Manifest:
         missing = [g for g in REQUIRED_GRAPHS if g not in self.graphs]
         if missing:
             raise EngineError(f"{where}: no graph {', '.join(missing)}; the engine directory is incomplete, re-export")
+        for name, spec in self.graphs.items():
+            role = ROLES.get(name)
+            if role is not None and spec.stage != role.stage:
+                raise EngineError(f"{where}: graph '{name}' has stage {spec.stage!r}, expected {role.stage!r}; "
+                                  "re-export")
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -217,6 +228,20 @@ class Manifest:
     def precisions(self) -> list[str]:
         """Precisions for which every required graph is listed."""
         return [p for p in PRECISIONS if all(p in self.graphs[g].precisions for g in REQUIRED_GRAPHS)]
+
+    def per_image_graphs(self) -> list[str]:
+        """The graphs that run once per image, in call order (from the manifest's stages)."""
+        order = call_order(False)
+        return sorted((n for n, g in self.graphs.items() if g.stage == PER_IMAGE),
+                      key=lambda n: order.index(n) if n in order else len(order))
+
+    def graphs_for(self, precision: str, use_denoiser: bool | None = None) -> list[str]:
+        """Every graph one image needs, in call order: the fused denoiser when asked for (or, by
+        default, when the directory has it), else the adapter and the UNet."""
+        have = self.has_graph(DENOISER, precision)
+        if use_denoiser and not have:
+            raise EngineError(f"{self.root}: no {precision} denoiser graph; re-export with --fuse-denoiser")
+        return list(call_order(have if use_denoiser is None else bool(use_denoiser)))
 
     def has_graph(self, name: str, precision: str) -> bool:
         return name in self.graphs and precision in self.graphs[name].precisions

@@ -16,8 +16,6 @@ as two sequential calls.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -25,47 +23,20 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .backends import Backend, open_backend
+from .contract import LEARNER, VAE_DECODER, VAE_ENCODER
 from .errors import InsufficientMemory, ShapeError, StepInfo
-from .imageops import COLOR_FIXES, bicubic_upscale, check_image, color_fix, pad_to_multiple
+from .imageops import (
+    COLOR_FIXES,
+    bicubic_upscale,
+    check_image,
+    color_fix,
+    pad_to_multiple,
+)
 from .manifest import Manifest
+from .memory import available_memory, human_bytes
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
 
 log = logging.getLogger(__name__)
-
-GiB = 1 << 30
-
-
-def _parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not m:
-        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 8G, 512M)")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
-def available_memory() -> int | None:
-    """Bytes the process can still allocate: $DEEDSR_MEMORY_LIMIT, else MemAvailable, else None."""
-    limit = os.environ.get("DEEDSR_MEMORY_LIMIT")
-    if limit:
-        return _parse_bytes(limit)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
 
 class Upscaler:
     def __init__(self, manifest: Manifest, backend: Backend, memory_limit: int | None = None):
@@ -144,11 +115,10 @@ class Upscaler:
         decoder = 0 if self.backend.on_device else pixels * element * (2 * c1 + 2 * c0)
         host = pixels * 3 * 4 * 8  # bicubic, encoder input, decoded, colour-fix temporaries, output
         to_load = 0
-        loaded = getattr(self.backend, "loaded_bytes", None)
-        if loaded is not None and not self.backend.on_device:
-            graphs = ["degradation_learner", "vae_encoder", "vae_decoder", *self.backend.per_step_graphs()]
+        if not self.backend.on_device:
+            graphs = self.backend.graphs()
             total = sum(self.manifest.graph_file(g, self.backend.precision).bytes or 0 for g in graphs)
-            to_load = max(total - loaded(), 0)
+            to_load = max(total - self.backend.loaded_bytes(), 0)
         return decoder + host + to_load
 
     def check(self, height: int, width: int, tile: int | None = None) -> int:
@@ -160,7 +130,8 @@ class Upscaler:
             env = self.manifest.image_dims(height, width)
             tile = int(self.manifest.sampler["tile"] if tile is None else tile)
             self.manifest.check_tile(tile)
-            self.manifest.tile_dims(min(tile, env["latent_height"]), min(tile, env["latent_width"]))
+            env.update(self.manifest.tile_dims(min(tile, env["latent_height"]), min(tile, env["latent_width"])))
+            self.backend.check_shapes(env)
         except ShapeError as e:
             raise ShapeError(f"image is {width}x{height}: {e}") from None
         need = self.estimate_memory(height, width)
@@ -211,13 +182,13 @@ class Upscaler:
     def _prepare(self, image: np.ndarray, seed: int) -> tuple[Job, np.ndarray]:
         m = self.manifest
         lr = image.astype(np.float32) / 255.0
-        conditions = self.backend.run("degradation_learner", {"lr": _nchw(lr)}, m.conditions)
+        conditions = self.backend.run(LEARNER, {"lr": _nchw(lr)}, m.conditions)
         up = _nchw(bicubic_upscale(pad_to_multiple(lr, m.image["pixel_multiple"]), self.scale))
-        z_lr = self.backend.run("vae_encoder", {"image": up * 2 - 1})["latent"]
+        z_lr = self.backend.run(VAE_ENCODER, {"image": up * 2 - 1})["latent"]
         return Job(z_lr=z_lr, conditions=conditions, rng=np.random.Generator(np.random.PCG64(seed))), up
 
     def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions) -> np.ndarray:
-        decoded = self.backend.run("vae_decoder", {"latent": latent})["image"]
+        decoded = self.backend.run(VAE_DECODER, {"latent": latent})["image"]
         sr = (np.clip(decoded, -1, 1) + 1) / 2
         sr = np.clip(color_fix(sr, up, opts.color_fix), 0, 1)
         h, w = size

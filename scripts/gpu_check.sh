@@ -45,7 +45,7 @@ missing = [m for m in ("tensorrt", "polygraphy", "onnxruntime", "torch") if impo
 if missing:
     sys.exit("error: missing Python packages: " + ", ".join(missing) + " (pip install -e '.[dev,trt]' tensorrt)")
 import tensorrt, polygraphy
-from runtime.backends.trt import gpu_identity
+from deedsr.runtime.backends.cuda import gpu_identity
 print(f"TensorRT {tensorrt.__version__}, polygraphy {polygraphy.__version__}, GPU {gpu_identity().describe()}")
 print("cuda-python:", "yes" if importlib.util.find_spec("cuda") else "no (the CUDA-graph step is skipped)")
 EOF
@@ -59,7 +59,7 @@ step "2. build TensorRT plans (dynamic shapes; time per graph)" \
 step "2b. build again: every plan is up to date" \
     deedsr-export build-engines "$TINY"
 step "3. every plan vs ONNX Runtime fp32, end to end vs the ort fp32 reference, latency" \
-    "$PY" -m engines.check "$TINY" --steps "$STEPS"
+    "$PY" -m deedsr.engines.check "$TINY" --steps "$STEPS"
 step "4. deedsr upscale --backend trt (end to end, timed)" \
     bash -c "time deedsr -v upscale '$(pwd)/runtime/assets/astronaut_lr.png' -o '$WORK/out' --engines '$TINY' \
              --backend trt --steps $STEPS --overwrite"
@@ -70,7 +70,7 @@ step "5. static-tile plans (--static; needed for CUDA graphs)" \
     deedsr-export build-engines "$STATIC" --static --force
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cuda') is None)"; then
     step "5b. static plans with CUDA graphs: end to end and latency" \
-        env DEEDSR_TRT_CUDA_GRAPHS=1 "$PY" -m engines.check "$STATIC" --steps "$STEPS" --skip-compare
+        env DEEDSR_TRT_CUDA_GRAPHS=1 "$PY" -m deedsr.engines.check "$STATIC" --steps "$STEPS" --skip-compare
 else
     echo "(5b skipped: pip install cuda-python for CUDA graphs)"
 fi

@@ -32,7 +32,7 @@ def photo():
 def tiny_engine_dir(tiny_model, tmp_path_factory):
     """The tiny model exported once per session: fp32 + fp16, with the fused denoiser,
     latent tile 16 so that small test images already need aggregation."""
-    from export.engine_dir import export_engine_dir
+    from deedsr.export.engine_dir import export_engine_dir
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     return export_engine_dir(tiny_model, out, tile=16, min_size=16, max_size=128, max_batch=4, fuse_denoiser=True)

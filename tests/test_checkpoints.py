@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deedsr.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from deedsr.models import DeeDSR
+from deedsr.checkpoints import CheckpointError, save_checkpoint
+from deedsr.models import DeeDSR, load_checkpoint
 
 
 def test_round_trip_is_exact(tiny_model, tmp_path):

@@ -1,11 +1,11 @@
 import subprocess
 import sys
 
-import numpy as np
 from click.testing import CliRunner
+from helpers import make_bad_inputs
 from PIL import Image
 
-from runtime.cli import main
+from deedsr.cli import main
 
 
 def run(args):
@@ -22,23 +22,11 @@ def test_upscale_real_photo_with_tiny_preset(tmp_path, photo):
     assert out.size == (4 * photo.shape[1], 4 * photo.shape[0]) and out.mode == "RGB"
 
 
-def make_bad_inputs(folder, photo):
-    folder.mkdir()
-    Image.fromarray(photo).save(folder / "good.png")
-    (folder / "text.png").write_text("hello")
-    Image.fromarray(np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])).save(folder / "alpha.png")
-    Image.fromarray(photo[..., 0]).save(folder / "gray.png")
-    Image.fromarray(photo[..., 0].astype(np.uint16) * 200).save(folder / "deep.png")
-    Image.fromarray(photo[:1, :1]).save(folder / "dot.png")
-    return {"text.png": "not an image", "alpha.png": "alpha channel", "gray.png": "grayscale",
-            "deep.png": "not 8-bit", "dot.png": "1x1"}
-
-
 def test_bad_files_get_one_line_errors_and_the_rest_is_done(tmp_path, photo):
     expected = make_bad_inputs(tmp_path / "in", photo)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "missing.png"),
+        [sys.executable, "-m", "deedsr.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "missing.png"),
          "-o", str(out), "--backend", "torch", "--preset", "tiny", "--steps", "1"],
         capture_output=True, text=True,
     )
@@ -67,7 +55,7 @@ def test_bad_checkpoint_is_one_line(tmp_path, photo):
     src = tmp_path / "a.png"
     Image.fromarray(photo).save(src)
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "upscale", str(src), "-o", str(tmp_path / "o"),
+        [sys.executable, "-m", "deedsr.cli", "upscale", str(src), "-o", str(tmp_path / "o"),
          "--backend", "torch", "--checkpoint", str(tmp_path)],
         capture_output=True, text=True,
     )

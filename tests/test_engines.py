@@ -20,15 +20,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from engines import records
-from engines.build import BuildOptions, available_precisions, parse_bytes, plan_settings, select_graphs
-from engines.errors import BuildError
-from engines.modes import check_graph_version, choose_mode, parse_version, supports_opt_level
-from engines.profiles import dims_used, plan_dims
-from runtime.backends.trt import GpuInfo, plan_mismatch, plan_records
-from runtime.errors import EngineError
-from runtime.manifest import Manifest
+from deedsr.engines import records
+from deedsr.engines.build import (
+    BuildOptions,
+    available_precisions,
+    parse_bytes,
+    plan_settings,
+    select_graphs,
+)
+from deedsr.engines.errors import BuildError
+from deedsr.engines.modes import (
+    check_graph_version,
+    choose_mode,
+    parse_version,
+    supports_opt_level,
+)
+from deedsr.engines.profiles import dims_used, plan_dims
+from deedsr.runtime.errors import EngineError
+from deedsr.runtime.manifest import Manifest
+from deedsr.runtime.plans import GpuInfo, plan_mismatch, plan_records
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 GPU = GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24 << 30)
@@ -236,7 +246,7 @@ def test_plan_records_in_the_manifest(engine_copy, manifest_data):
     assert {k: v for k, v in data.items() if k != "trt"} == manifest_data
     manifest = Manifest.load(engine_copy)
     assert plan_records(manifest.data)["unet"] == stored
-    from runtime.backends import has_plans
+    from deedsr.runtime.backends import has_plans
 
     assert has_plans(manifest)
     # a second plan is added beside the first
@@ -291,7 +301,7 @@ def one_error_line(output: str) -> str:
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
 def test_build_engines_without_tensorrt_is_one_line_and_leaves_nothing(engine_copy):
-    from export.cli import main
+    from deedsr.export.cli import main
 
     before = (engine_copy / "manifest.json").read_bytes()
     result = CliRunner().invoke(main, ["build-engines", str(engine_copy)])
@@ -300,16 +310,16 @@ def test_build_engines_without_tensorrt_is_one_line_and_leaves_nothing(engine_co
     assert "TensorRT is not installed" in line and "pip install tensorrt" in line
     assert not (engine_copy / "trt").exists() and (engine_copy / "manifest.json").read_bytes() == before
     # the same through `python -m engines`
-    proc = subprocess.run([sys.executable, "-m", "engines", str(engine_copy)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "deedsr.engines", str(engine_copy)], capture_output=True, text=True)
     assert proc.returncode == 2 and one_error_line(proc.stderr) == line
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
 def test_trt_backend_without_tensorrt(engine_copy, manifest_data, photo, tmp_path):
+    from deedsr.runtime.backends import open_backend
     from PIL import Image
 
-    from runtime.backends import open_backend
-    from runtime.cli import main
+    from deedsr.cli import main
 
     rec, _ = make_record(engine_copy, "unet", manifest_data)
     records.set_plan(engine_copy, "unet", rec)
@@ -325,7 +335,7 @@ def test_trt_backend_without_tensorrt(engine_copy, manifest_data, photo, tmp_pat
 
 
 def test_no_gpu_is_one_line():
-    from runtime.backends.trt import _libcuda, gpu_identity
+    from deedsr.runtime.backends.cuda import _libcuda, gpu_identity
 
     if _libcuda() is not None:
         pytest.skip("an NVIDIA driver is installed here")
@@ -335,14 +345,14 @@ def test_no_gpu_is_one_line():
 
 
 def test_engines_and_trt_backend_import_no_torch():
-    code = ("import sys, engines.build, engines.check, engines.cli, runtime.backends.trt; "
-            "bad = [m for m in ('torch', 'diffusers', 'deedsr', 'export') if m in sys.modules]; "
+    code = ("import sys, deedsr.engines.build, deedsr.engines.check, deedsr.engines.cli, deedsr.runtime.backends.trt; "
+            "bad = [m for m in ('torch', 'diffusers', 'deedsr.models', 'deedsr.export') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_export_cli_offers_build_engines():
-    from export.cli import main
+    from deedsr.export.cli import main
 
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "--engines" in result.output and "build-engines" in result.output
@@ -354,7 +364,7 @@ def test_export_cli_offers_build_engines():
 def _require_gpu():
     pytest.importorskip("tensorrt", reason="needs TensorRT")
     pytest.importorskip("polygraphy", reason="needs polygraphy")
-    from runtime.backends.trt import gpu_identity
+    from deedsr.runtime.backends.cuda import gpu_identity
 
     try:
         return gpu_identity()
@@ -372,7 +382,7 @@ def trt_source(request):
 
 
 def _with_plans(source: Path, dest: Path, **options) -> Path:
-    from engines.build import build_plans
+    from deedsr.engines.build import build_plans
 
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("trt"))
     data = json.loads((dest / "manifest.json").read_text())
@@ -394,7 +404,7 @@ def trt_static_dir(trt_source, tmp_path_factory):
 
 @pytest.mark.gpu
 def test_plans_match_onnxruntime_fp32(trt_dir):
-    from engines.check import compare
+    from deedsr.engines.check import compare
 
     rows = compare(trt_dir, min_cosine=0.999)
     assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
@@ -403,7 +413,7 @@ def test_plans_match_onnxruntime_fp32(trt_dir):
 
 @pytest.mark.gpu
 def test_end_to_end_psnr_vs_fp32_reference(trt_dir, photo):
-    from engines.check import end_to_end
+    from deedsr.engines.check import end_to_end
 
     out = end_to_end(trt_dir, photo, steps=20, min_psnr=35.0)
     assert out["psnr"] >= 35.0, out
@@ -411,7 +421,7 @@ def test_end_to_end_psnr_vs_fp32_reference(trt_dir, photo):
 
 @pytest.mark.gpu
 def test_rebuild_skips_up_to_date_plans(trt_dir):
-    from engines.build import build_plans
+    from deedsr.engines.build import build_plans
 
     built = build_plans(trt_dir, BuildOptions())
     assert built and all(b.skipped for b in built)
@@ -419,7 +429,7 @@ def test_rebuild_skips_up_to_date_plans(trt_dir):
 
 @pytest.mark.gpu
 def test_plan_from_another_tensorrt_version_is_refused(trt_dir, tmp_path):
-    from runtime.upscaler import Upscaler
+    from deedsr.runtime.upscaler import Upscaler
 
     other = Path(shutil.copytree(trt_dir, tmp_path / "other"))
     data = json.loads((other / "manifest.json").read_text())
@@ -432,8 +442,8 @@ def test_plan_from_another_tensorrt_version_is_refused(trt_dir, tmp_path):
 
 @pytest.mark.gpu
 def test_static_plans_cuda_graphs_and_uncovered_tile(trt_static_dir, photo):
-    from runtime.errors import ShapeError
-    from runtime.upscaler import Upscaler
+    from deedsr.runtime.errors import ShapeError
+    from deedsr.runtime.upscaler import Upscaler
 
     plain = Upscaler.from_engine_dir(trt_static_dir, backend="trt")
     plain.backend.cuda_graphs = False  # the same plans without CUDA graphs

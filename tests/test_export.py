@@ -8,10 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-from export import trt_ops
-from export.engine_dir import ExportError, export_engine_dir
-from export.graphs import graph_specs
+from deedsr.export import trt_ops
+from deedsr.export.engine_dir import ExportError, export_engine_dir
+from deedsr.export.graphs import graph_specs
 
 GRAPHS = ["degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder", "denoiser"]
 
@@ -171,7 +170,7 @@ def test_export_refuses_bad_requests(tiny_model, tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "export.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "deedsr.export.cli", *args], capture_output=True, text=True)
 
 
 def test_cli_bad_checkpoints_are_one_line_errors(tiny_model, tmp_path):

@@ -19,7 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from deedsr.checkpoints import CheckpointError
 from deedsr.config import preset
-from deedsr.importers import ImportReport, import_reference_checkpoint, init_from_sd_base
+from deedsr.importers import (
+    ImportReport,
+    import_reference_checkpoint,
+    init_from_sd_base,
+)
 from deedsr.models import DeeDSR
 from deedsr.models.unet import _resnets_in_order
 

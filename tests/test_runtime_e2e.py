@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from deedsr.runtime.errors import Cancelled, EngineError, InsufficientMemory, ShapeError
+from deedsr.runtime.upscaler import Upscaler
 from PIL import Image
 
+from deedsr.cli import main
 from deedsr.pipeline import DeeDSRPipeline
-from runtime.cli import main
-from runtime.errors import Cancelled, EngineError, InsufficientMemory, ShapeError
-from runtime.upscaler import Upscaler
 
 TILE, MAX_SIZE = 16, 256
 STEPS = 4  # t = 751, 501, 251, 1; step 0 noise-guided (the default), eta 1
-HEAVY = ("torch", "diffusers", "deedsr", "export")
+HEAVY = ("torch", "diffusers", "deedsr.models", "deedsr.pipeline", "deedsr.export", "deedsr.train")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="session")
 def engines(tiny_model, tmp_path_factory):
     """fp32 + fp16 graphs of the tiny test model with a fused denoiser, tile 16; once per session."""
-    from export.engine_dir import export_engine_dir
+    from deedsr.export.engine_dir import export_engine_dir
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     threads = torch.get_num_threads()
@@ -200,9 +200,9 @@ def _save(photo, folder, name="photo.png"):
 def test_cli_upscale_never_imports_torch(engines, photo, tmp_path, reference):
     src = _save(photo, tmp_path / "in")
     out = tmp_path / "out"
-    code = ("import sys, runtime.cli\n"
+    code = ("import sys, deedsr.cli\n"
             "try:\n"
-            f"    runtime.cli.main(['upscale', {str(src)!r}, '-o', {str(out)!r}, '--engines', {str(engines)!r},"
+            f"    deedsr.cli.main(['upscale', {str(src)!r}, '-o', {str(out)!r}, '--engines', {str(engines)!r},"
             f" '--steps', '{STEPS}', '--seed', '3', '--precision', 'fp32'], standalone_mode=False)\n"
             "finally:\n"
             "    print('MODULES', ' '.join(sorted(sys.modules)))\n")
@@ -210,7 +210,7 @@ def test_cli_upscale_never_imports_torch(engines, photo, tmp_path, reference):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     modules = proc.stdout.split("MODULES", 1)[1].split()
-    loaded = sorted({m.split(".")[0] for m in modules} & set(HEAVY))
+    loaded = sorted({h for h in HEAVY for m in modules if m == h or m.startswith(h + ".")})
     print(f"\nheavy modules imported by `deedsr upscale`: {loaded or 'none'} ({len(modules)} modules in all)")
     assert loaded == [] and "onnxruntime" in modules
     result = np.asarray(Image.open(out / "photo.png"))
@@ -218,14 +218,14 @@ def test_cli_upscale_never_imports_torch(engines, photo, tmp_path, reference):
 
 
 def test_cli_bad_input_one_line_each_rest_done(engines, photo, tmp_path):
-    from test_cli import make_bad_inputs
+    from helpers import make_bad_inputs
 
     expected = make_bad_inputs(tmp_path / "in", photo)
     big = np.zeros((MAX_SIZE + 20, 40, 3), np.uint8)
     Image.fromarray(big).save(tmp_path / "in" / "tall.png")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "missing.png"),
+        [sys.executable, "-m", "deedsr.cli", "upscale", str(tmp_path / "in"), str(tmp_path / "missing.png"),
          "-o", str(out), "--engines", str(engines), "--steps", "1"],
         capture_output=True, text=True,
     )
@@ -254,7 +254,7 @@ def test_cli_usage_errors_are_one_line(engines, photo, tmp_path, args, message):
 
 
 def test_demo_and_default_engines(engines, tmp_path, monkeypatch):
-    from runtime import demo
+    from deedsr.runtime import demo
 
     monkeypatch.setenv("DEEDSR_CACHE", str(tmp_path / "cache"))
     result = CliRunner().invoke(main, ["upscale", str(demo.ASSET), "-o", str(tmp_path / "o")])
@@ -273,7 +273,7 @@ def test_demo_and_default_engines(engines, tmp_path, monkeypatch):
 
 
 def test_demo_export_command_runs_in_a_subprocess(monkeypatch, tmp_path):
-    from runtime import demo
+    from deedsr.runtime import demo
 
     cmd = demo.export_command(tmp_path / "x")
     assert cmd[0] == sys.executable and "export.cli" in cmd[2] and cmd[cmd.index("--out") + 1] == str(tmp_path / "x")

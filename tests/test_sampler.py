@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from deedsr.runtime.tiling import gaussian_weights, tiles
 from diffusers import DDIMScheduler
 
 from deedsr.config import SchedulerConfig
 from deedsr.pipeline import DeeDSRPipeline, latent_shape
 from deedsr.schedule import alphas_cumprod, make_scheduler
-from deedsr.tiling import gaussian_weights, tiles
 
 
 @pytest.mark.parametrize("steps", [50, 20])
@@ -118,7 +118,7 @@ def test_gaussian_weights_peak_at_centre():
 
 
 def test_callback_can_cancel(tiny_model, photo):
-    from deedsr.pipeline import Cancelled
+    from deedsr.runtime.errors import Cancelled
 
     seen = []
     pipe = DeeDSRPipeline(tiny_model)

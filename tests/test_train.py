@@ -311,7 +311,7 @@ def test_stage1_loss_decreases(tmp_path, many_photos):
     # The queue starts as random vectors (easy negatives) and holds real keys from step 4 on;
     # from there the loss must come down.
     assert np.mean(losses[-8:]) < np.mean(losses[4:12]) - 0.3, losses
-    from deedsr.checkpoints import load_checkpoint
+    from deedsr.models import load_checkpoint
 
     learner = load_checkpoint(Path(cfg.out_dir) / "learner", components=("learner",)).learner
     assert learner(torch.rand(1, 3, 32, 32)).shape == (1, 64)
@@ -429,8 +429,9 @@ def test_stage2_loss_decreases(components, photo_dir, tmp_path):
 def test_vae_stage_learns_and_writes_a_checkpoint(photo_dir, tmp_path):
     from diffusers import AutoencoderKL
 
-    from deedsr.checkpoints import load_checkpoint, read_config
+    from deedsr.checkpoints import read_config
     from deedsr.config import preset
+    from deedsr.models import load_checkpoint
 
     cfg = vae_cfg(photo_dir, tmp_path / "vae", max_steps=40, lr=1e-3, save_every=100)
     run_stage(cfg)

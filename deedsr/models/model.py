@@ -5,6 +5,13 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from ..checkpoints import (
+    check_state,
+    component_file,
+    load_state,
+    read_config,
+    save_checkpoint,
+)
 from ..config import DeeDSRConfig
 from .adapter import DegradationAwareAdapter
 from .attention import use_scaled_attention
@@ -15,6 +22,8 @@ COMPONENTS = ("learner", "adapter", "unet", "vae")
 
 
 class DeeDSR(nn.Module):
+    COMPONENTS = COMPONENTS
+
     def __init__(self, config: DeeDSRConfig):
         super().__init__()
         self.config = config
@@ -42,12 +51,20 @@ class DeeDSR(nn.Module):
         return self.unet(x_t, t, tokens, local)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "DeeDSR":
-        from ..checkpoints import load_checkpoint
+    def from_pretrained(cls, path, components: tuple[str, ...] = COMPONENTS) -> "DeeDSR":
+        """Build the model from a checkpoint's config.json and load the named components' weights."""
+        model = cls(read_config(path))
+        for name in components:
+            file = component_file(path, name)
+            state = load_state(file)
+            module = getattr(model, name)
+            check_state(module, state, str(file))
+            module.load_state_dict(state)
+        return model.eval()
 
-        return load_checkpoint(path, **kwargs)
+    def save_pretrained(self, path, dtype: torch.dtype | None = None):
+        return save_checkpoint(self, path, dtype)
 
-    def save_pretrained(self, path) -> None:
-        from ..checkpoints import save_checkpoint
 
-        save_checkpoint(self, path)
+def load_checkpoint(path, components: tuple[str, ...] = COMPONENTS) -> DeeDSR:
+    return DeeDSR.from_pretrained(path, components)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..degradations import DegradationConfig, degrade
-from ..pipeline import bicubic_upscale
+from ..runtime.imageops import bicubic_upscale
 from .config import DataConfig, degradation_config
 
 __all__ = ["DataError", "DegradedImages", "StepBatchSampler", "list_images", "load_rgb"]

@@ -168,7 +168,7 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
         stages[cls.name] = _run_stage(cls, cfg, info)
     train_minutes = (time.monotonic() - t0) / 60
 
-    from ..checkpoints import load_checkpoint
+    from ..models import load_checkpoint
 
     model = load_checkpoint(Path(plan.stage2.out_dir) / "model")
     model.config.sampler = dataclasses.replace(model.config.sampler, color_fix=plan.demo.color_fix)

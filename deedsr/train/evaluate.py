@@ -75,8 +75,9 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
     import torch
     from PIL import Image
 
-    from ..checkpoints import load_checkpoint
-    from ..pipeline import DeeDSRPipeline, bicubic_upscale
+    from ..models import load_checkpoint
+    from ..pipeline import DeeDSRPipeline
+    from ..runtime.imageops import bicubic_upscale
 
     if isinstance(model, (str, Path)):
         model = load_checkpoint(model)

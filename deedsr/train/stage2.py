@@ -262,7 +262,8 @@ class Stage2(Stage):
 
         from ..degradations import degrade_level
         from ..metrics import psnr
-        from ..pipeline import DeeDSRPipeline, bicubic_upscale
+        from ..pipeline import DeeDSRPipeline
+        from ..runtime.imageops import bicubic_upscale
         from .data import load_rgb
 
         cfg = self.cfg

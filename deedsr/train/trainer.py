@@ -29,7 +29,14 @@ import torch.distributed as torch_dist
 from . import dist as tdist
 from .config import ConfigError, config_differences, fingerprint, to_dict
 from .data import DegradedImages, StepBatchSampler, list_images
-from .state import CheckpointStateError, capture_rng, latest_checkpoint, load_state, restore_rng, save_state
+from .state import (
+    CheckpointStateError,
+    capture_rng,
+    latest_checkpoint,
+    load_state,
+    restore_rng,
+    save_state,
+)
 
 log = logging.getLogger("deedsr.train")
 

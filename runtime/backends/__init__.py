@@ -8,7 +8,8 @@ the adapter's outputs on the device.
 
 - `ort`: onnxruntime; CPUExecutionProvider, or CUDA/TensorRT execution providers when
   onnxruntime-gpu is installed.
-- `trt`: TensorRT plans (filled in by the engines stage; a placeholder here).
+- `trt`: TensorRT plans built by `deedsr-export build-engines` (trt.py; CUDA calls in cuda.py,
+  TensorRT version differences in trt_api.py).
 - `auto`: trt when the engine directory has plans and tensorrt is importable, else ort with
   GPU providers when present, else ort on the CPU.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import ADAPTER, DENOISER, UNET, call_order, step_graphs
 from ..errors import EngineError
 from ..manifest import Manifest
 
@@ -36,13 +38,10 @@ class Backend:
     name = "base"
     on_device = False  # True when graphs run on a GPU (fp16 is the natural precision there)
 
-    def __init__(self, manifest: Manifest, precision: str, use_denoiser: bool | None = None):
+    def __init__(self, manifest: Manifest, precision: str, use_denoiser: bool):
         self.manifest = manifest
         self.precision = precision
-        have_denoiser = manifest.has_graph("denoiser", precision)
-        if use_denoiser and not have_denoiser:
-            raise EngineError(f"{manifest.root}: no {precision} denoiser graph; re-export with --fuse-denoiser")
-        self.use_denoiser = have_denoiser if use_denoiser is None else use_denoiser
+        self.use_denoiser = use_denoiser
 
     # -- graph calls ------------------------------------------------------------
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -53,11 +52,14 @@ class Backend:
     def run_raw(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def input_dtype(self, graph: str, tensor: str) -> np.dtype:
+        """The dtype the graph takes for this input (the manifest's record by default)."""
+        return self.manifest.graph_file(graph, self.precision).dtype(tensor)
+
     def cast_inputs(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        entry = self.manifest.graph_file(graph, self.precision)
         out = {}
         for name, value in feeds.items():
-            dtype = entry.dtype(name)
+            dtype = self.input_dtype(graph, name)
             out[name] = value if value.dtype == dtype and value.flags.c_contiguous else \
                 np.ascontiguousarray(value, dtype=dtype)
         return out
@@ -66,14 +68,29 @@ class Backend:
                 conditions: dict[str, np.ndarray]) -> np.ndarray:
         """Epsilon for a batch of tiles: the fused denoiser, or the adapter then the UNet."""
         if self.use_denoiser:
-            return self.run("denoiser", {"x_t": x_t, "timestep": timestep, "z_lr": z_lr, **conditions})["eps"]
-        adapter = self.run_raw("adapter", self.cast_inputs("adapter", {"z_lr": z_lr, "timestep": timestep,
-                                                                       **conditions}), None)
+            return self.run(DENOISER, {"x_t": x_t, "timestep": timestep, "z_lr": z_lr, **conditions})["eps"]
+        adapter = self.run_raw(ADAPTER, self.cast_inputs(ADAPTER, {"z_lr": z_lr, "timestep": timestep,
+                                                                   **conditions}), None)
         feeds = {"x_t": x_t, "timestep": timestep, **adapter}
-        return self.run("unet", feeds, ["eps"])["eps"]
+        return self.run(UNET, feeds, ["eps"])["eps"]
 
     def per_step_graphs(self) -> list[str]:
-        return ["denoiser"] if self.use_denoiser else ["adapter", "unet"]
+        return list(step_graphs(self.use_denoiser))
+
+    def graphs(self) -> list[str]:
+        """Every graph an image needs, in call order."""
+        return list(call_order(self.use_denoiser))
+
+    def preload(self) -> None:
+        """Load every graph now rather than on first use."""
+
+    def loaded_bytes(self) -> int:
+        """Bytes of graph files already resident (all of them unless a backend loads lazily)."""
+        return sum(self.manifest.graph_file(g, self.precision).bytes or 0 for g in self.graphs())
+
+    def check_shapes(self, env: dict[str, int]) -> None:
+        """Raise ShapeError when named dimensions fall outside what this backend's graphs take
+        (beyond the manifest's ranges, which the Upscaler checks)."""
 
     def describe(self) -> str:
         return f"{self.name} {self.precision}"
@@ -133,13 +150,6 @@ def open_backend(manifest: Manifest, backend: str = "auto", precision: str = "au
 
     providers = gpu_providers()
     chosen = choose_precision(manifest, precision, bool(providers))
-    manifest.check_files(chosen, list(_needed(manifest, chosen, use_denoiser)))
+    manifest.check_files(chosen, manifest.graphs_for(chosen, use_denoiser))
     return OrtBackend(manifest, chosen, threads=threads, gpu_providers=providers, use_denoiser=use_denoiser)
 
-
-def _needed(manifest: Manifest, precision: str, use_denoiser: bool | None):
-    graphs = ["degradation_learner", "vae_encoder", "vae_decoder"]
-    if use_denoiser and not manifest.has_graph("denoiser", precision):
-        raise EngineError(f"{manifest.root}: no {precision} denoiser graph; re-export with --fuse-denoiser")
-    denoiser = manifest.has_graph("denoiser", precision) if use_denoiser is None else use_denoiser
-    return graphs + (["denoiser"] if denoiser else ["adapter", "unet"])

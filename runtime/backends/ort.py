@@ -19,23 +19,17 @@ made per call.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
 
+from ..contract import ADAPTER, DENOISER, UNET
 from ..errors import BackendError, EngineError
 from ..manifest import Manifest
+from ..memory import cache_root
 from . import Backend
 
 log = logging.getLogger(__name__)
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("DEEDSR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deedsr")
-    return Path(base)
 
 
 _arena_lock = threading.Lock()
@@ -93,7 +87,7 @@ class OrtBackend(Backend):
 
     def __init__(self, manifest: Manifest, precision: str, threads: int | None = None,
                  gpu_providers: list[str] | None = None, use_denoiser: bool | None = None):
-        super().__init__(manifest, precision, use_denoiser)
+        super().__init__(manifest, precision, DENOISER in manifest.graphs_for(precision, use_denoiser))
         import onnxruntime
 
         self._ort = onnxruntime
@@ -108,7 +102,7 @@ class OrtBackend(Backend):
     def _providers(self, gpu: list[str]) -> list:
         providers: list = []
         if "TensorrtExecutionProvider" in gpu:
-            cache = _cache_dir() / "ort-trt"
+            cache = cache_root() / "ort-trt"
             cache.mkdir(parents=True, exist_ok=True)
             providers.append(("TensorrtExecutionProvider", {
                 "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
@@ -166,7 +160,7 @@ class OrtBackend(Backend):
         return sess
 
     def preload(self) -> None:
-        for graph in ["degradation_learner", "vae_encoder", *self.per_step_graphs(), "vae_decoder"]:
+        for graph in self.graphs():
             self.session(graph)
 
     # -------------------------------------------------------------------- running
@@ -184,19 +178,19 @@ class OrtBackend(Backend):
         if not self.on_device or self.use_denoiser:
             return super().denoise(x_t, timestep, z_lr, conditions)
         # GPU: adapter outputs stay in CUDA memory and go straight into the UNet.
-        adapter, unet = self.session("adapter"), self.session("unet")
+        adapter, unet = self.session(ADAPTER), self.session(UNET)
         try:
             bind = adapter.io_binding()
-            for name, value in self.cast_inputs("adapter", {"z_lr": z_lr, "timestep": timestep,
-                                                            **conditions}).items():
+            for name, value in self.cast_inputs(ADAPTER, {"z_lr": z_lr, "timestep": timestep,
+                                                          **conditions}).items():
                 bind.bind_cpu_input(name, value)
-            out_names = self.manifest.graphs["adapter"].output_names
+            out_names = self.manifest.graphs[ADAPTER].output_names
             for name in out_names:
                 bind.bind_output(name, "cuda")
             adapter.run_with_iobinding(bind)
             device_outputs = bind.get_outputs()
             bind2 = unet.io_binding()
-            for name, value in self.cast_inputs("unet", {"x_t": x_t, "timestep": timestep}).items():
+            for name, value in self.cast_inputs(UNET, {"x_t": x_t, "timestep": timestep}).items():
                 bind2.bind_cpu_input(name, value)
             for name, value in zip(out_names, device_outputs):
                 bind2.bind_ortvalue_input(name, value)

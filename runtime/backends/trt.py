@@ -1,11 +1,8 @@
 """TensorRT backend: runs the plans `deedsr-export build-engines DIR` writes into DIR/trt/.
 
-Plan records (manifest.json, top-level "trt" section; docs/engine-directory.md): one per graph
-with the TensorRT version and the GPU (name, compute capability) it was built for, precision,
-build mode, profile shapes and flags. A plan runs only with that TensorRT version on that GPU;
-anything else is refused with one line that says how to rebuild. The pure helpers at the top
-(`plan_records`, `plan_mismatch`, `gpu_identity`) import no TensorRT; the engines stage uses
-them too, so that builder and runtime agree on what "compatible" means.
+Plan records (runtime/plans.py) say which TensorRT version and GPU each plan was built for;
+anything else is refused with one line that says how to rebuild. CUDA calls live in cuda.py,
+the TensorRT version differences in trt_api.py.
 
 Execution uses only the name-based tensor API common to TensorRT 8.5 .. 11: num_io_tensors,
 get_tensor_name/mode/dtype, set_input_shape, get_tensor_shape, set_tensor_address,
@@ -32,133 +29,35 @@ end to end (and tests/test_engines.py's `gpu` tests) where both exist.
 """
 from __future__ import annotations
 
-import collections
-import ctypes
 import logging
 import math
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
+from ..contract import DENOISER, PRECISIONS, call_order, step_graphs
 from ..errors import BackendError, EngineError, InsufficientMemory, ShapeError
 from ..manifest import Manifest, eval_shape
+from ..memory import human_bytes
+from ..plans import plan_mismatch, plan_records, rebuild_command
 from . import Backend
+from .cuda import Cudart, DeviceBuffer, cudart_graphs, gpu_identity
+from .trt_api import (
+    create_context,
+    import_tensorrt,
+    is_oom_message,
+    make_logger,
+    memory_size,
+    set_context_memory,
+)
 
 log = logging.getLogger(__name__)
 
-PLANS_KEY = "trt"  # manifest.json section written by the engines stage
 ENV_CUDA_GRAPHS = "DEEDSR_TRT_CUDA_GRAPHS"
-PER_IMAGE = ("degradation_learner", "vae_encoder", "vae_decoder")
 MAX_CAPTURES = 8  # CUDA graphs kept per backend (one per step input shape)
-
-
-# ================================================================ pure helpers (no TensorRT)
-def rebuild_command(root) -> str:
-    return f"deedsr-export build-engines {root} --force"
-
-
-def plan_records(data: Mapping) -> dict[str, dict]:
-    """{graph: plan record} from a manifest's "trt" section ({} when there is none)."""
-    section = data.get(PLANS_KEY) if isinstance(data, Mapping) else None
-    plans = section.get("plans") if isinstance(section, Mapping) else None
-    return {str(k): dict(v) for k, v in plans.items() if isinstance(v, Mapping)} if isinstance(plans, Mapping) else {}
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    compute_capability: str  # "major.minor"
-    memory: int | None = None  # bytes
-
-    def describe(self) -> str:
-        return f"{self.name} (sm {self.compute_capability})"
-
-    def record(self) -> dict:
-        return {"name": self.name, "compute_capability": self.compute_capability, "memory": self.memory}
-
-
-def plan_mismatch(record: Mapping, tensorrt_version: str, gpu: GpuInfo) -> str | None:
-    """Why a plan cannot run with this TensorRT on this GPU; None when it can.
-
-    Plans are tied to the exact TensorRT version and to the GPU: both must equal the record's."""
-    built = str(record.get("tensorrt") or "")
-    built_gpu = record.get("gpu") if isinstance(record.get("gpu"), Mapping) else {}
-    name, cc = str(built_gpu.get("name") or ""), str(built_gpu.get("compute_capability") or "")
-    if not built or not name or not cc:
-        return "its record in manifest.json does not say which TensorRT version and GPU it was built for"
-    if built == str(tensorrt_version) and name == gpu.name and cc == gpu.compute_capability:
-        return None
-    return (f"built with TensorRT {built} for {name} (sm {cc}), but this machine has TensorRT "
-            f"{tensorrt_version} and {gpu.describe()}")
-
-
-def _libcuda():
-    names = ["nvcuda.dll"] if sys.platform.startswith("win") else ["libcuda.so.1", "libcuda.so"]
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def gpu_identity(ordinal: int = 0, otherwise: str = "on this machine use --backend ort") -> GpuInfo:
-    """Name, compute capability and memory of CUDA device `ordinal` (after CUDA_VISIBLE_DEVICES),
-    read from the driver (libcuda) with ctypes: no torch, no CUDA toolkit needed.
-    Raises EngineError (one line, ending in `otherwise`) when there is no driver or no GPU."""
-    lib = _libcuda()
-    if lib is None:
-        raise EngineError(f"no NVIDIA driver found (libcuda): TensorRT plans need an NVIDIA GPU; {otherwise}")
-    rc = lib.cuInit(0)
-    if rc == 100:  # CUDA_ERROR_NO_DEVICE
-        raise EngineError(f"no NVIDIA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES); {otherwise}")
-    if rc != 0:
-        raise EngineError(f"the NVIDIA driver failed to initialise (CUDA driver error {rc}); check nvidia-smi; "
-                          f"{otherwise}")
-    count = ctypes.c_int(0)
-    lib.cuDeviceGetCount(ctypes.byref(count))
-    if ordinal >= count.value:
-        raise EngineError(f"no CUDA device {ordinal} ({count.value} visible); check CUDA_VISIBLE_DEVICES")
-    device = ctypes.c_int(0)
-    if lib.cuDeviceGet(ctypes.byref(device), ctypes.c_int(ordinal)) != 0:
-        raise EngineError(f"cannot open CUDA device {ordinal}; check nvidia-smi")
-    name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGetName(name, ctypes.c_int(256), device)
-    major, minor = ctypes.c_int(0), ctypes.c_int(0)
-    lib.cuDeviceGetAttribute(ctypes.byref(major), ctypes.c_int(75), device)  # COMPUTE_CAPABILITY_MAJOR
-    lib.cuDeviceGetAttribute(ctypes.byref(minor), ctypes.c_int(76), device)  # COMPUTE_CAPABILITY_MINOR
-    memory = ctypes.c_size_t(0)
-    total = getattr(lib, "cuDeviceTotalMem_v2", None) or getattr(lib, "cuDeviceTotalMem", None)
-    if total is None or total(ctypes.byref(memory), device) != 0:
-        memory = ctypes.c_size_t(0)
-    return GpuInfo(name.value.decode(errors="replace").strip(), f"{major.value}.{minor.value}",
-                   int(memory.value) or None)
-
-
-def import_tensorrt(otherwise: str = "or use --backend ort"):
-    """The tensorrt module, or EngineError with what to install (ending in `otherwise`)."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise EngineError("TensorRT is not installed: pip install tensorrt (x86-64/aarch64 with CUDA 12), "
-                          f"or use JetPack's python3-libnvinfer; {otherwise}") from None
-    except Exception as e:  # OSError and the like: libnvinfer or CUDA libraries not loadable
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise EngineError(f"TensorRT cannot be loaded ({first[:200]}); check the CUDA and TensorRT "
-                          f"libraries; {otherwise}") from None
-    return tensorrt
-
-
-def human_bytes(n: int | float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
 
 _DIM_LABELS = {"batch": "tiles per call", "lr": "LR sides", "image": "x4 image sides (after padding)",
                "latent": "latent sides", "tile": "latent tile sides"}
@@ -166,159 +65,6 @@ _DIM_LABELS = {"batch": "tiles per call", "lr": "LR sides", "image": "x4 image s
 
 def _dim_label(name: str) -> str:
     return _DIM_LABELS.get(name.split("_")[0], name)
-
-
-# ====================================================================== CUDA (libcudart)
-class _Cudart:
-    """The few CUDA runtime calls the backend needs, on the libcudart polygraphy.cuda loads.
-
-    Calls go through the library handle directly so that failures come back as status codes
-    (turned into one-line errors here) rather than polygraphy's multi-line log."""
-
-    MEMCPY_H2D, MEMCPY_D2H = 1, 2
-
-    def __init__(self):
-        try:
-            from polygraphy import cuda as pcuda
-        except ImportError:
-            raise EngineError("the trt backend needs polygraphy: pip install 'deedsr[trt]'") from None
-        try:
-            self.lib = pcuda.wrapper().handle
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EngineError(f"the CUDA runtime library (libcudart) cannot be loaded ({first[:160]}); "
-                              "pip install nvidia-cuda-runtime-cu12 or put the CUDA toolkit's lib64 on "
-                              "LD_LIBRARY_PATH") from None
-        self.lib.cudaGetErrorString.restype = ctypes.c_char_p
-
-    def error(self, rc: int) -> str:
-        try:
-            return self.lib.cudaGetErrorString(ctypes.c_int(rc)).decode()
-        except Exception:
-            return f"CUDA error {rc}"
-
-    def check(self, rc: int, what: str) -> None:
-        if rc != 0:
-            raise BackendError(f"{what}: {self.error(rc)} (CUDA error {rc})")
-
-    def malloc(self, nbytes: int, what: str) -> int:
-        ptr = ctypes.c_void_p()
-        rc = self.lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(max(int(nbytes), 1)))
-        if rc == 2:  # cudaErrorMemoryAllocation
-            self.lib.cudaGetLastError()
-            raise InsufficientMemory(
-                f"GPU out of memory allocating {human_bytes(nbytes)} for {what}; use a smaller image or "
-                "--tile, close other GPU programs, or rebuild the plans with a smaller --max-batch")
-        self.check(rc, f"cudaMalloc for {what}")
-        return int(ptr.value)
-
-    def free(self, ptr: int) -> None:
-        if ptr:
-            self.lib.cudaFree(ctypes.c_void_p(ptr))
-
-    def stream(self) -> int:
-        ptr = ctypes.c_void_p()
-        self.check(self.lib.cudaStreamCreate(ctypes.byref(ptr)), "cudaStreamCreate")
-        return int(ptr.value)
-
-    def destroy_stream(self, stream: int) -> None:
-        if stream:
-            self.lib.cudaStreamDestroy(ctypes.c_void_p(stream))
-
-    def synchronize(self, stream: int, what: str) -> None:
-        self.check(self.lib.cudaStreamSynchronize(ctypes.c_void_p(stream)), what)
-
-    def upload(self, dst: int, array: np.ndarray, stream: int, what: str) -> None:
-        self.check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(array.ctypes.data),
-                                            ctypes.c_size_t(array.nbytes), ctypes.c_int(self.MEMCPY_H2D),
-                                            ctypes.c_void_p(stream)), f"copy of {what} to the GPU")
-
-    def download(self, array: np.ndarray, src: int, stream: int, what: str) -> None:
-        self.check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(array.ctypes.data), ctypes.c_void_p(src),
-                                            ctypes.c_size_t(array.nbytes), ctypes.c_int(self.MEMCPY_D2H),
-                                            ctypes.c_void_p(stream)), f"copy of {what} from the GPU")
-
-
-class _Buffer:
-    """A device allocation that only grows."""
-
-    def __init__(self, cuda: _Cudart, what: str):
-        self.cuda, self.what, self.ptr, self.nbytes = cuda, what, 0, 0
-
-    def ensure(self, nbytes: int) -> bool:
-        """At least nbytes; True when the address changed."""
-        if nbytes <= self.nbytes and self.ptr:
-            return False
-        self.free()
-        self.ptr = self.cuda.malloc(nbytes, self.what)
-        self.nbytes = max(int(nbytes), 1)
-        return True
-
-    def free(self) -> None:
-        self.cuda.free(self.ptr)
-        self.ptr, self.nbytes = 0, 0
-
-
-def _cudart_graphs():
-    """cuda-python's runtime module (CUDA graphs), or None."""
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            return None
-    return cudart
-
-
-# ====================================================================== TensorRT objects
-def _make_logger(trt):
-    class _Logger(trt.ILogger):
-        """TensorRT's messages into Python logging; the last errors kept for one-line reports."""
-
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: collections.deque = collections.deque(maxlen=8)
-
-        def log(self, severity, msg):
-            if severity in (trt.Logger.INTERNAL_ERROR, trt.Logger.ERROR):
-                self.errors.append(str(msg))
-                log.debug("TensorRT error: %s", msg)
-            elif severity == trt.Logger.WARNING:
-                log.debug("TensorRT warning: %s", msg)
-
-        def last_error(self) -> str:
-            return self.errors[-1].strip().splitlines()[0][:300] if self.errors else "no message from TensorRT"
-
-    return _Logger()
-
-
-def is_oom_message(text: str) -> bool:
-    """TensorRT or CUDA saying that GPU memory ran out."""
-    text = text.lower()
-    return any(k in text for k in ("out of memory", "outofmemory", "memoryallocation", "failed to allocate",
-                                   "insufficient memory", "requested amount of gpu memory"))
-
-
-def _memory_size(engine) -> int:
-    if hasattr(engine, "device_memory_size_v2"):  # TensorRT >= 10.1
-        return int(engine.device_memory_size_v2)
-    return int(engine.device_memory_size)
-
-
-def _create_context(trt, engine):
-    """An execution context without activation memory of its own (the backend supplies it)."""
-    strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-    if strategy is not None:  # TensorRT >= 10
-        return engine.create_execution_context(strategy.USER_MANAGED)
-    return engine.create_execution_context_without_device_memory()  # 8.5 .. 9.x
-
-
-def _set_context_memory(context, ptr: int, size: int) -> None:
-    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
-        context.set_device_memory(ptr, size)
-    else:
-        context.device_memory = ptr
 
 
 @dataclass
@@ -352,26 +98,23 @@ class TrtBackend(Backend):
 
     def __init__(self, manifest: Manifest, precision: str, use_denoiser: bool | None = None,
                  cuda_graphs: bool | None = None):
-        # Base.__init__ checks graphs of the manifest's precision; a TensorRT backend is about
-        # plans, so it sets the same attributes from the plan records instead.
-        self.manifest = manifest
-        self._closed = True
+        self._closed = True  # until everything below is open (close() and __del__ check it)
         root = manifest.root
         trt = self._trt = import_tensorrt()
         records = plan_records(manifest.data)
         if not records:
             raise EngineError(f"{root}: no TensorRT plans; build them on this machine: "
                               f"deedsr-export build-engines {root}")
-        have_denoiser = "denoiser" in records
+        have_denoiser = DENOISER in records
         if use_denoiser and not have_denoiser:
-            hint = "" if manifest.has_graph("denoiser", "fp16") or manifest.has_graph("denoiser", "fp32") else \
+            hint = "" if any(manifest.has_graph(DENOISER, p) for p in PRECISIONS) else \
                 " (re-export with --fuse-denoiser first)"
             raise EngineError(f"{root}: no TensorRT plan for the denoiser graph; build it with "
                               f"deedsr-export build-engines {root}{hint}")
-        split = "adapter" in records and "unet" in records
+        split = all(g in records for g in step_graphs(False))
         # default: the fused denoiser when it has a plan (as the ort backend), else adapter + UNet
-        self.use_denoiser = (have_denoiser or not split) if use_denoiser is None else bool(use_denoiser)
-        needed = [*PER_IMAGE[:2], *self.per_step_graphs(), PER_IMAGE[2]]
+        fused = (have_denoiser or not split) if use_denoiser is None else bool(use_denoiser)
+        needed = list(call_order(fused))
         missing = [g for g in needed if g not in records]
         if missing:
             raise EngineError(f"{root}: no TensorRT plan for {', '.join(missing)}; build them on this machine: "
@@ -379,7 +122,7 @@ class TrtBackend(Backend):
         self.gpu = gpu_identity()
         self.tensorrt_version = str(trt.__version__)
         for graph in needed:
-            self._check_record(graph, records[graph])
+            self._check_record(manifest, graph, records[graph])
         kinds = {records[g].get("precision") for g in needed}
         if len(kinds) != 1:
             raise EngineError(f"{root}: the TensorRT plans mix precisions {sorted(map(str, kinds))}; rebuild them: "
@@ -388,18 +131,18 @@ class TrtBackend(Backend):
         if precision == "fp32" and plan_precision != "fp32" and "fp16" in manifest.precisions():
             raise EngineError(f"{root}: the TensorRT plans are {plan_precision}; leave --precision auto, or build "
                               f"fp32 plans: deedsr-export build-engines {root} --mode fp32 --force")
-        self.precision = plan_precision
+        super().__init__(manifest, plan_precision, fused)
         self.mode = str(records[needed[0]].get("mode", "?"))
         self.static = all(records[g].get("static") for g in self.per_step_graphs())
 
         self._lock = threading.RLock()
-        self._cuda = _Cudart()
-        self._logger = _make_logger(trt)
+        self._cuda = Cudart()
+        self._logger = make_logger(trt)
         trt.init_libnvinfer_plugins(self._logger, "")  # plans from TensorRT 8.5 may use its plugins
         self._runtime = trt.Runtime(self._logger)
         self._plans: dict[str, _Plan] = {}
-        self._buffers: dict[str, _Buffer] = {}
-        self._scratch = _Buffer(self._cuda, "TensorRT activations")
+        self._buffers: dict[str, DeviceBuffer] = {}
+        self._scratch = DeviceBuffer(self._cuda, "TensorRT activations")
         self._generation = 0  # bumps when the scratch buffer moves (captured graphs then go stale)
         self._captures: dict[tuple, _Capture] = {}
         self._cudart = None
@@ -420,8 +163,8 @@ class TrtBackend(Backend):
         log.info("trt backend: %s", self.describe())
 
     # ---------------------------------------------------------------- opening
-    def _check_record(self, graph: str, record: dict) -> None:
-        root = self.manifest.root
+    def _check_record(self, manifest: Manifest, graph: str, record: dict) -> None:
+        root = manifest.root
         file = root / str(record.get("file", f"trt/{graph}.plan"))
         reason = plan_mismatch(record, self.tensorrt_version, self.gpu)
         if reason:
@@ -432,7 +175,7 @@ class TrtBackend(Backend):
             raise EngineError(f"{file}: {file.stat().st_size} bytes, manifest.json says {record['bytes']} "
                               f"(truncated or replaced); rebuild the plans: {rebuild_command(root)}")
         source = record.get("source", {})
-        spec = self.manifest.graphs.get(graph)
+        spec = manifest.graphs.get(graph)
         entry = spec.precisions.get(str(source.get("precision"))) if spec else None
         if entry is None or (entry.sha256 and source.get("sha256") and entry.sha256 != source["sha256"]):
             raise EngineError(f"{file}: built from another export of the {graph} graph; rebuild the plans: "
@@ -455,7 +198,7 @@ class TrtBackend(Backend):
                                   f"on {self.gpu.describe()}; close other GPU programs or use a larger GPU")
             raise EngineError(f"{file}: TensorRT cannot load it ({why}); rebuild the plans: "
                               f"{rebuild_command(self.manifest.root)}")
-        context = _create_context(trt, engine)
+        context = create_context(trt, engine)
         if context is None:
             raise EngineError(f"{file}: TensorRT cannot create an execution context ({self._logger.last_error()})")
         inputs, outputs, dtypes = [], [], {}
@@ -470,7 +213,7 @@ class TrtBackend(Backend):
                               f"plans: {rebuild_command(self.manifest.root)}")
         # Keep the manifest's order (inputs are uploaded and outputs returned in this order).
         return _Plan(graph, record, engine, context, list(spec.input_names), list(spec.output_names), dtypes,
-                     _memory_size(engine))
+                     memory_size(engine))
 
     def _check_links(self) -> None:
         """Adapter outputs are bound as UNet inputs as they are: their dtypes must agree."""
@@ -503,7 +246,7 @@ class TrtBackend(Backend):
                 nbytes = math.prod(shape) * plan.dtypes[t.name].itemsize
                 sizes[t.name] = max(sizes.get(t.name, 0), nbytes)
         for name, nbytes in sizes.items():
-            buf = self._buffers.setdefault(f"step:{name}", _Buffer(self._cuda, f"per-step tensor {name}"))
+            buf = self._buffers.setdefault(f"step:{name}", DeviceBuffer(self._cuda, f"per-step tensor {name}"))
             buf.ensure(nbytes)
 
     def _want_cuda_graphs(self, requested: bool | None) -> bool:
@@ -512,7 +255,7 @@ class TrtBackend(Backend):
             requested = True
         elif requested is None and env in ("0", "false", "no", "off"):
             requested = False
-        cudart = _cudart_graphs()
+        cudart = cudart_graphs()
         if requested and cudart is None:
             raise EngineError("CUDA graphs need cuda-python: pip install cuda-python (or unset "
                               f"{ENV_CUDA_GRAPHS})")
@@ -567,14 +310,8 @@ class TrtBackend(Backend):
                 raise self._shape_error(plan, dim, int(v), int(a), int(b))
 
     # ------------------------------------------------------------- execution
-    def cast_inputs(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        plan = self._plan(graph)
-        out = {}
-        for name, value in feeds.items():
-            dtype = plan.dtypes.get(name, np.dtype(np.float32))
-            out[name] = value if value.dtype == dtype and value.flags.c_contiguous else \
-                np.ascontiguousarray(value, dtype=dtype)
-        return out
+    def input_dtype(self, graph: str, tensor: str) -> np.dtype:
+        return self._plan(graph).dtypes.get(tensor, np.dtype(np.float32))
 
     def _plan(self, graph: str) -> _Plan:
         if self._closed:
@@ -584,10 +321,10 @@ class TrtBackend(Backend):
         except KeyError:
             raise BackendError(f"no TensorRT plan for {graph} is loaded") from None
 
-    def _buffer(self, key: str, nbytes: int, what: str) -> _Buffer:
+    def _buffer(self, key: str, nbytes: int, what: str) -> DeviceBuffer:
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = _Buffer(self._cuda, what)
+            buf = self._buffers[key] = DeviceBuffer(self._cuda, what)
         buf.ensure(nbytes)
         return buf
 
@@ -614,7 +351,7 @@ class TrtBackend(Backend):
             step = 16 << 20  # grow in 16 MiB steps: fewer reallocations (and CUDA-graph recaptures)
             if self._scratch.ensure(-(-need // step) * step):
                 self._generation += 1
-        _set_context_memory(context, self._scratch.ptr, self._scratch.nbytes)
+        set_context_memory(context, self._scratch.ptr, self._scratch.nbytes)
 
     def _execute(self, plan: _Plan, context, addresses: Mapping[str, int]) -> None:
         for name in plan.inputs + plan.outputs:
@@ -732,11 +469,11 @@ class TrtBackend(Backend):
         if cap is None:
             if len(self._captures) >= MAX_CAPTURES:
                 return self._chain(plans, [p.context for p in plans], shapes, addresses)
-            cap = self._captures[key] = _Capture([_create_context(self._trt, p.engine) for p in plans])
+            cap = self._captures[key] = _Capture([create_context(self._trt, p.engine) for p in plans])
         self._destroy_capture(cap)
         out_shapes = self._chain(plans, cap.contexts, shapes, addresses)  # also the warm-up TensorRT asks for
         for context in cap.contexts:  # every context on the final scratch buffer
-            _set_context_memory(context, self._scratch.ptr, self._scratch.nbytes)
+            set_context_memory(context, self._scratch.ptr, self._scratch.nbytes)
         self._cuda.synchronize(self._stream, "denoising step on the GPU")
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         try:

@@ -1,21 +1,21 @@
-"""`deedsr` command line: upscale images with a chosen backend, build and run the demo.
+"""`deedsr` command line: upscale images with a chosen backend, build and run the demo, train.
 
-The runtime backends (ort, trt) read an engine directory and never import torch; the torch
-backend (the PyTorch reference, for comparison) is loaded only when asked for.
+It sits above the four stages and imports downward. The runtime backends (ort, trt) read an
+engine directory and never import torch; the torch backend (the PyTorch reference, for
+comparison) and the training commands are imported only when asked for.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from pathlib import Path
 
 import click
 
-from .images import ImageError, expand_inputs, image_size, read_image, write_png
+from .runtime.imageops import COLOR_FIXES
+from .runtime.images import ImageError, expand_inputs, image_size, read_image, write_png
 
 BACKENDS = ("auto", "ort", "trt", "torch")
-COLOR_FIXES = ("none", "adain", "wavelet")
 PRECISIONS = ("auto", "fp32", "fp16")
 
 
@@ -40,27 +40,29 @@ def open_torch(checkpoint: str | None, preset: str | None, threads: int | None):
     # The PyTorch reference is an optional backend for comparison; it is loaded only here,
     # so the runtime itself stays free of torch.
     try:
-        reference = importlib.import_module("deedsr.upscaler")
+        import torch
+
+        from .upscaler import TorchUpscaler
     except ImportError as e:
         raise UsageError(f"--backend torch needs the reference model: pip install 'deedsr[torch]' ({e})")
     if threads:
-        importlib.import_module("torch").set_num_threads(threads)
+        torch.set_num_threads(threads)
     try:
         if not checkpoint and not preset:
-            from .demo import demo_checkpoint
+            from .runtime.demo import demo_checkpoint
 
             checkpoint = demo_checkpoint()  # the embedded default: the trained tiny demo weights
         if checkpoint:
-            return reference.TorchUpscaler.from_checkpoint(checkpoint)
-        return reference.TorchUpscaler.from_preset(preset or "tiny")
+            return TorchUpscaler.from_checkpoint(checkpoint)
+        return TorchUpscaler.from_preset(preset or "tiny")
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 
 def open_runtime(backend: str, engines: str | None, precision: str, threads: int | None):
-    from .demo import built_demo_engine_dir
-    from .errors import EngineError
-    from .upscaler import Upscaler
+    from .runtime.demo import built_demo_engine_dir
+    from .runtime.errors import EngineError
+    from .runtime.upscaler import Upscaler
 
     if engines is None:
         demo = built_demo_engine_dir()
@@ -140,11 +142,10 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
     )
-    if hasattr(upscaler, "options"):  # runtime: refuse bad options once, before any image
-        try:
-            upscaler.options(**options)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    try:  # refuse bad options once, before any image
+        upscaler.options(**options)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     failures += _upscale_all(upscaler, paths, Path(outdir), options, seed, overwrite)
     if failures:
         sys.exit(1)
@@ -153,7 +154,7 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
 def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwrite: bool) -> int:
     from tqdm import tqdm
 
-    from .errors import BackendError, EngineError
+    from .runtime.errors import BackendError, EngineError
 
     failures = 0
     steps = options.get("steps") or upscaler.default_steps
@@ -162,10 +163,9 @@ def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwr
         try:
             if target.exists() and not overwrite:
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
-            check = getattr(upscaler, "check", None)
-            size = image_size(path) if check else None
-            if size is not None:
-                check(size[1], size[0], options.get("tile"))  # shape ranges and memory, before decoding
+            size = image_size(path)
+            if size is not None:  # shape ranges and memory, before decoding (read_image says why not)
+                upscaler.check(size[1], size[0], options.get("tile"))
             image = read_image(path)
             with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
                 result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
@@ -192,9 +192,9 @@ def demo(outdir, backend, threads, steps, seed):
     Writes OUTDIR/astronaut_x4.png and OUTDIR/astronaut_compare.png (bicubic | DeeDSR)."""
     from tqdm import tqdm
 
-    from . import demo as demo_mod
-    from .errors import EngineError
-    from .upscaler import Upscaler
+    from .runtime import demo as demo_mod
+    from .runtime.errors import EngineError
+    from .runtime.upscaler import Upscaler
 
     try:
         engines = demo_mod.build_demo_engine_dir(echo=lambda msg: click.echo(msg, err=True))
@@ -217,30 +217,15 @@ def demo(outdir, backend, threads, steps, seed):
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                 "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args):
-    """Benchmark the runtime against the reference (benchmarks/bench_runtime.py; a source
-    checkout with torch installed). `deedsr bench --help` lists its options."""
-    import runpy
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_runtime.py"
-    if not script.is_file():
-        raise UsageError("deedsr bench runs benchmarks/bench_runtime.py from a source checkout; it is not installed")
-    sys.argv = [str(script), *args]
-    runpy.run_path(str(script), run_name="__main__")
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def train(args):
     """Train DeeDSR: vae, stage1, stage2, demo, evaluate (needs deedsr[torch]).
     `deedsr train --help` lists them."""
     # Loaded only here: the runtime itself never imports the training code or torch.
     try:
-        commands = importlib.import_module("deedsr.train.cli")
+        from .train.cli import train as train_commands
     except ImportError as e:
         raise UsageError(f"deedsr train needs the reference model: pip install 'deedsr[torch]' ({e})")
-    commands.train.main(args=list(args), prog_name="deedsr train")
+    train_commands.main(args=list(args), prog_name="deedsr train")
 
 
 if __name__ == "__main__":

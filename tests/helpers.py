@@ -1,0 +1,64 @@
+"""Builders shared by several test modules: a synthetic manifest and a folder of bad images."""
+import json
+
+import numpy as np
+from deedsr.runtime.contract import REQUIRED_GRAPHS, ROLES, SCHEMA, SCHEMA_VERSION
+from PIL import Image
+
+GRAPHS = REQUIRED_GRAPHS
+
+
+def manifest_dict(root, precisions=("fp32",), lr=(16, 32, 512), tile=16):
+    def rng(lo, opt, hi):
+        return {"min": lo, "opt": opt, "max": hi}
+
+    image = [((v + 15) // 16 * 16) * 4 for v in lr]
+    latent = [v // 8 for v in image]
+    dims = {"batch": rng(1, 1, 4), "lr_height": rng(*lr), "lr_width": rng(*lr), "image_height": rng(*image),
+            "image_width": rng(*image), "latent_height": rng(*latent), "latent_width": rng(*latent),
+            "tile_height": rng(8, tile, tile), "tile_width": rng(8, tile, tile)}
+    graphs = {}
+    for name in GRAPHS:
+        entry = {"stage": ROLES[name].stage,
+                 "inputs": [{"name": "x", "shape": ["batch", 4, "tile_height", "tile_width"]}],
+                 "outputs": [{"name": "y", "shape": ["batch", "tile_height/8*tile_width/8", 64]}],
+                 "precisions": {}}
+        for p in precisions:
+            f = root / p / f"{name}.onnx"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(b"0123456789")
+            entry["precisions"][p] = {"file": f"{p}/{name}.onnx", "external_data": None, "bytes": 10,
+                                      "sha256": None, "dtypes": {"x": "float32", "y": "float32"}}
+        graphs[name] = entry
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "opset": 17,
+        "model": {"preset": "tiny", "config": {}},
+        "image": {"upscale": 4, "latent_downscale": 8, "latent_multiple": 8, "latent_channels": 4,
+                  "pixel_multiple": 16},
+        "vae": {"scaling_factor": 0.18215},
+        "scheduler": {"num_train_timesteps": 1000, "alphas_cumprod": list(np.linspace(0.999, 0.005, 1000)),
+                      "prediction_type": "epsilon", "steps_offset": 1},
+        "sampler": {"steps": 50, "eta": 1.0, "noise_guidance_steps": [0], "init": "noise", "tile": tile,
+                    "tile_overlap": tile // 2, "tile_weight_variance": 0.01, "color_fix": "none"},
+        "dims": dims,
+        "conditions": ["da0_kernel1", "da0_scale1"],
+        "graphs": graphs,
+    }
+
+
+def write(root, data):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(data))
+    return root
+
+
+def make_bad_inputs(folder, photo):
+    folder.mkdir()
+    Image.fromarray(photo).save(folder / "good.png")
+    (folder / "text.png").write_text("hello")
+    Image.fromarray(np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])).save(folder / "alpha.png")
+    Image.fromarray(photo[..., 0]).save(folder / "gray.png")
+    Image.fromarray(photo[..., 0].astype(np.uint16) * 200).save(folder / "deep.png")
+    Image.fromarray(photo[:1, :1]).save(folder / "dot.png")
+    return {"text.png": "not an image", "alpha.png": "alpha channel", "gray.png": "grayscale",
+            "deep.png": "not 8-bit", "dot.png": "1x1"}
