@@ -4,7 +4,6 @@ peak RSS of each.
 
     python benchmarks/bench_runtime.py --preset tiny --size 128 --steps 10 --threads 2
     python benchmarks/bench_runtime.py --preset sd21-base --size 64 --steps 2 --engines /tmp/deedsr-sd21
-    deedsr bench --preset tiny ...          (the same, from a source checkout)
 
 Both run in this process on the same model weights (seeded; modulation given small random
 weights as benchmarks/bench_export.py does, so an engine directory it wrote matches), the same

@@ -1,6 +1,6 @@
 """Model configuration: one dataclass per component and the two presets.
 
-`sd21-base` is the paper's model (DESIGN.md §1). `tiny` has the same classes and
+`sd21-base` is the paper's model (parameter counts in README.md, The model). `tiny` has the same classes and
 code paths with small channel counts so that a whole sample runs in seconds on a CPU.
 """
 from __future__ import annotations

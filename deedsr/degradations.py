@@ -1,7 +1,7 @@
 """Real-ESRGAN second-order degradation pipeline in numpy / OpenCV.
 
 Written from the Real-ESRGAN paper (Wang et al., 2021) and the numbers of the
-DeeDSR reference configuration (DESIGN.md §1). It is numpy-only so that it can run
+DeeDSR reference configuration (the public implementation's training config). It is numpy-only so that it can run
 inside data-loader workers. All randomness comes from the `np.random.Generator`
 passed in: the same generator state gives the same LR image.
 
@@ -235,7 +235,7 @@ def random_final_sinc_kernel(
 
 @dataclass(frozen=True)
 class DegradationConfig:
-    """Every number of the reference degradation configuration (DESIGN.md §1).
+    """Every number of the reference degradation configuration (the public implementation's training config).
 
     Fields ending in 2 belong to the second degradation stage. Noise sigmas are on
     the 0..255 scale, JPEG qualities on OpenCV's 0..100 scale.

@@ -1,4 +1,5 @@
-"""How to build fp16 plans on a given TensorRT version (DESIGN.md section 3).
+"""How to build fp16 plans on a given TensorRT version (README.md, TensorRT engines: TensorRT 11 has no FP16 builder flag, so fp16 lives in
+the ONNX graph; 8.5 .. 9.x use the flag on fp32 graphs).
 
 | TensorRT   | mode (auto)      | graphs | network        | builder flags                          |
 |------------|------------------|--------|----------------|----------------------------------------|

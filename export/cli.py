@@ -30,7 +30,7 @@ class _ExportCommand(click.Command):
 @click.command(cls=_ExportCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(), help="DeeDSR checkpoint folder.")
 @click.option("--preset", type=click.Choice(["tiny", "sd21-base"]), help="Untrained preset instead of a checkpoint.")
-@click.option("--out", required=True, type=click.Path(), help="Engine directory to write.")
+@click.option("-o", "--output", "--out", "out", required=True, type=click.Path(), help="Engine directory to write.")
 @click.option("--precision", default="fp32,fp16", show_default=True, help="Comma-separated: fp32, fp16.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14..17; TensorRT 8.5 parses <= 17).")
 @click.option("--tile", type=int, help="Latent tile side the per-step graphs are built for (default: the model's).")
@@ -39,7 +39,7 @@ class _ExportCommand(click.Command):
 @click.option("--max-batch", default=4, show_default=True, type=int, help="Most tiles per graph call.")
 @click.option("--fuse-denoiser", is_flag=True, help="Also write adapter+UNet as one 'denoiser' graph.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
-@click.option("--engines", "build_engines", is_flag=True,
+@click.option("--build-engines", "build_engines", is_flag=True,
               help="Then build TensorRT plans into OUT/trt (default settings; see build-engines --help).")
 def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser, force,
          build_engines=False):

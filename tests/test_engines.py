@@ -355,7 +355,7 @@ def test_export_cli_offers_build_engines():
     from deedsr.export.cli import main
 
     result = CliRunner().invoke(main, ["--help"])
-    assert result.exit_code == 0 and "--engines" in result.output and "build-engines" in result.output
+    assert result.exit_code == 0 and "--build-engines" in result.output and "build-engines DIR" in result.output
     result = CliRunner().invoke(main, ["build-engines", "--help"])
     assert result.exit_code == 0 and "ENGINE_DIR" in result.output and "--static" in result.output
 

@@ -3,7 +3,7 @@ in the format of deedsr.checkpoints (config.json + one safetensors file per comp
 
 A stage that trains one component writes a *partial* checkpoint folder: config.json (the whole
 model config, so the component's shape is defined) and only that component's file, e.g.
-stage I writes learner.safetensors. `deedsr.checkpoints.load_checkpoint(path,
+stage I writes learner.safetensors. `deedsr.models.load_checkpoint(path,
 components=("learner",))` reads it, and so does `load_component` here.
 """
 from __future__ import annotations

@@ -113,7 +113,7 @@ def vae_cmd(config, resume) -> None:
 @train.command("demo")
 @click.option("--config", "config", default="configs/demo-tiny.toml", show_default=True,
               type=click.Path(dir_okay=False), help="Demo config (TOML: [demo], [vae], [stage1], [stage2], [eval]).")
-@click.option("--out", "out", default="deedsr/assets/demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", "--out", "out", default="deedsr/assets/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the trained checkpoint folder goes.")
 @click.option("--restart", is_flag=True, help="Discard earlier runs in the work folder instead of reusing them.")
 def demo_cmd(config, out, restart) -> None:

@@ -147,7 +147,7 @@ def _run_stage(stage_cls, cfg, info) -> dict[str, Any]:
 
 def run_demo(config_path: str | Path, out: str | Path, command: str = "", restart: bool = False) -> dict[str, Any]:
     """Train the demo model and write it, its provenance and its evaluation to `out`."""
-    from .artifacts import save_components
+    from ..checkpoints import save_checkpoint
     from .dist import setup
     from .evaluate import evaluate, format_table, skimage_photo, write_report
     from .stage1 import Stage1
@@ -174,7 +174,7 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     model.config.sampler = dataclasses.replace(model.config.sampler, color_fix=plan.demo.color_fix)
     dtype = torch.float16 if plan.demo.weights_dtype == "float16" else None
     out = Path(out)
-    save_components(model.config, {n: getattr(model, n) for n in ("learner", "adapter", "unet", "vae")}, out, dtype=dtype)
+    save_checkpoint(model, out, dtype=dtype)
 
     log.info("demo: evaluating on the held-out photos %s", ", ".join(plan.demo.heldout_photos))
     t1 = time.monotonic()

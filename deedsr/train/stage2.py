@@ -126,7 +126,7 @@ class Stage2(Stage):
         cfg = self.cfg
         model = DeeDSR(self.model_config)
         if cfg.init:
-            for name in ("learner", "adapter", "unet", "vae"):
+            for name in model.COMPONENTS:
                 load_component(cfg.init, name, getattr(model, name), "stage2.init")
         else:
             if cfg.sd_base:
