@@ -32,15 +32,16 @@ def component_file(path: str | Path, component: str) -> Path:
 
 
 def save_components(config: DeeDSRConfig, modules: dict[str, torch.nn.Module], path: str | Path,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, trained: bool = True) -> Path:
     """Write config.json + <name>.safetensors for each module, atomically (a temporary sibling
     folder, then rename). With `dtype`, floating-point tensors are stored in that dtype. A folder
-    with only some components is a partial checkpoint (e.g. stage I writes the learner)."""
+    with only some components is a partial checkpoint (e.g. stage I writes the learner).
+    `trained=False` marks weights that no training or import produced (an untrained preset)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": config.to_dict()}
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "trained": bool(trained), "config": config.to_dict()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         for name, module in modules.items():
             state = {}
@@ -64,10 +65,25 @@ def save_components(config: DeeDSRConfig, modules: dict[str, torch.nn.Module], p
 
 def save_checkpoint(model, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Every component of a DeeDSR model (`model.COMPONENTS`)."""
-    return save_components(model.config, {name: getattr(model, name) for name in model.COMPONENTS}, path, dtype)
+    return save_components(model.config, {name: getattr(model, name) for name in model.COMPONENTS}, path, dtype,
+                           trained=model.trained)
 
 
 def read_config(path: str | Path) -> DeeDSRConfig:
+    meta = read_meta(path)
+    try:
+        return DeeDSRConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_NAME}: bad config ({e})") from None
+
+
+def is_trained(path: str | Path) -> bool:
+    """False only for checkpoints marked as untrained weights (folders without the mark are trained)."""
+    return read_meta(path).get("trained", True) is not False
+
+
+def read_meta(path: str | Path) -> dict:
+    """config.json of a checkpoint folder, checked for format and version."""
     path = Path(path)
     file = path / CONFIG_NAME
     if not path.is_dir():
@@ -84,10 +100,7 @@ def read_config(path: str | Path) -> DeeDSRConfig:
         raise CheckpointError(
             f"{file}: checkpoint format version {meta.get('version')}, this deedsr reads {FORMAT_VERSION}"
         )
-    try:
-        return DeeDSRConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: bad config ({e})") from None
+    return meta
 
 
 def load_state(file: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,10 @@ BACKENDS = ("auto", "ort", "trt", "torch")
 PRECISIONS = ("auto", "fp32", "fp16")
 
 
+UNTRAINED_WARNING = ("warning: untrained weights: the output is noise (export a trained checkpoint, "
+                     "e.g. deedsr-export --checkpoint deedsr/assets/demo)")
+
+
 class UsageError(click.ClickException):
     """A user mistake: printed as one line, exit code 2."""
 
@@ -138,6 +142,8 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
     if not paths:
         raise UsageError("no input images")
     upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
+    if not upscaler.trained:
+        click.echo(UNTRAINED_WARNING, err=True)
     options = dict(
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,

@@ -32,6 +32,10 @@ class TorchUpscaler:
         return cls(DeeDSRPipeline(model, device))
 
     @property
+    def trained(self) -> bool:
+        return self.pipeline.model.trained
+
+    @property
     def default_steps(self) -> int:
         return self.config.sampler.steps
 

@@ -178,7 +178,8 @@ def build_manifest(model: DeeDSR, dims: dict, graphs: dict, opset: int, tile: in
         "schema_version": SCHEMA_VERSION,
         "created_by": _versions(),
         "opset": opset,
-        "model": {"preset": cfg.preset, "config": cfg.to_dict(), "weights_sha256": onnx_io.weights_sha256(model)},
+        "model": {"preset": cfg.preset, "trained": bool(getattr(model, "trained", True)), "config": cfg.to_dict(),
+                  "weights_sha256": onnx_io.weights_sha256(model)},
         "image": {
             "upscale": cfg.upscale,
             "latent_downscale": cfg.latent_downscale,

@@ -290,6 +290,11 @@ class Manifest:
             if digest.hexdigest() != entry.sha256:
                 raise EngineError(f"{entry.file}: sha256 differs from manifest.json (corrupt or replaced); re-export")
 
+    @property
+    def trained(self) -> bool:
+        """False when the graphs were exported from untrained weights (their output is noise)."""
+        return self.model.get("trained", True) is not False
+
     # ------------------------------------------------------------------ dims
     @property
     def config(self) -> dict:

@@ -69,6 +69,10 @@ class Upscaler:
         return self.manifest.image["upscale"]
 
     @property
+    def trained(self) -> bool:
+        return self.manifest.trained
+
+    @property
     def max_batch(self) -> int:
         return self.manifest.max_batch
 

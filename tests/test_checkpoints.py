@@ -53,3 +53,26 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format": "deedsr-checkpoint", "version": 1, "config": {"x": 1}}))
     with pytest.raises(CheckpointError, match="unknown config keys"):
         load_checkpoint(tmp_path)
+
+
+def test_untrained_weights_are_marked_through_checkpoint_and_export(tiny_model, tmp_path):
+    from deedsr.checkpoints import is_trained
+    from deedsr.runtime.manifest import Manifest
+    from deedsr.runtime.demo import demo_checkpoint
+
+    assert tiny_model.trained is False  # a freshly built model: no training, checkpoint or import
+    path = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    assert json.loads((path / "config.json").read_text())["trained"] is False
+    assert is_trained(path) is False and DeeDSR.from_pretrained(path).trained is False
+    demo = demo_checkpoint()
+    assert demo is not None and is_trained(demo) and DeeDSR.from_pretrained(demo).trained  # no mark: trained
+
+    from deedsr.export.engine_dir import build_manifest
+
+    data = build_manifest(tiny_model, {}, {}, 17, 16)
+    assert data["model"]["trained"] is False
+    manifest = Manifest.__new__(Manifest)
+    manifest.model = data["model"]
+    assert manifest.trained is False
+    manifest.model = {"preset": "tiny"}  # directories exported before the mark: trained
+    assert manifest.trained is True

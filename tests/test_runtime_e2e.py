@@ -217,6 +217,17 @@ def test_cli_upscale_never_imports_torch(engines, photo, tmp_path, reference):
     assert np.abs(result.astype(int) - reference.astype(int)).max() <= 1
 
 
+def test_cli_warns_once_about_untrained_weights(engines, photo, tmp_path):
+    # the test model is an untrained preset with random modulation: its directory is marked so
+    src = _save(photo, tmp_path / "in")
+    result = CliRunner().invoke(main, ["upscale", str(src), "-o", str(tmp_path / "out"), "--engines", str(engines),
+                                       "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: untrained weights: the output is noise (export a trained checkpoint, "
+                        "e.g. deedsr-export --checkpoint deedsr/assets/demo)"]
+
+
 def test_cli_bad_input_one_line_each_rest_done(engines, photo, tmp_path):
     from helpers import make_bad_inputs
 

@@ -336,4 +336,5 @@ def import_reference_checkpoint(path: str | Path, config: DeeDSRConfig | None = 
         raise CheckpointError(f"{path}: model tensors left uninitialised: {_listing(left_on_meta)}")
     if ignored:
         logger.info("%s: ignored %d non-model keys (e.g. %s)", path, len(ignored), ignored[0])
+    model.trained = True
     return model.eval()

@@ -8,6 +8,7 @@ from torch import nn
 from ..checkpoints import (
     check_state,
     component_file,
+    is_trained,
     load_state,
     read_config,
     save_checkpoint,
@@ -32,6 +33,9 @@ class DeeDSR(nn.Module):
         self.unet = ModulatedUNet(config.unet, config.adapter.local_channels, config.modulation_hidden)
         self.vae = AutoencoderKL(**config.vae)
         use_scaled_attention(self.vae)
+        # False until weights come from training, a checkpoint or an import: checkpoints and
+        # engine directories made from such a model are marked untrained (their output is noise).
+        self.trained = False
 
     @property
     def scaling_factor(self) -> float:
@@ -60,6 +64,7 @@ class DeeDSR(nn.Module):
             module = getattr(model, name)
             check_state(module, state, str(file))
             module.load_state_dict(state)
+        model.trained = is_trained(path)
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None):

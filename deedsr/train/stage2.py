@@ -291,6 +291,7 @@ class Stage2(Stage):
 
     def finalize(self, out_dir: Path) -> Path:
         with self.ema_weights():
+            self.model.trained = True
             return save_checkpoint(self.model, out_dir / "model")
 
 
