@@ -56,9 +56,10 @@ def test_bad_config_files(tmp_path):
 
 
 def test_untrained_weights_are_marked_through_checkpoint_and_export(tiny_model, tmp_path):
-    from deedsr.checkpoints import is_trained
-    from deedsr.runtime.manifest import Manifest
     from deedsr.runtime.demo import demo_checkpoint
+    from deedsr.runtime.manifest import Manifest
+
+    from deedsr.checkpoints import is_trained
 
     assert tiny_model.trained is False  # a freshly built model: no training, checkpoint or import
     path = save_checkpoint(tiny_model, tmp_path / "ckpt")
