@@ -3,9 +3,11 @@
 //
 //   c++ -std=c++17 upscale.cpp -o upscale-cpp $(PKG_CONFIG_PATH=/opt/deedsr pkg-config --cflags --libs deedsr) -pthread
 //   ./upscale-cpp ENGINE_DIR in.ppm OUT_PREFIX [--threads N] [--seed N] [--steps N] [--images-per-thread K]
+//                 [--warmup 1]
 //
-// Prints the images per second over all threads. Exit status: 0 ok, 2 usage, 10 + code on a
-// libdeedsr error, 1 on a file error.
+// Prints the time to open (the first open also starts the embedded interpreter) and the images
+// per second over all threads (after --warmup images on one thread, not timed).
+// Exit status: 0 ok, 2 usage, 10 + code on a libdeedsr error, 1 on a file error.
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -57,7 +59,7 @@ int main(int argc, char **argv) {
                      "[--images-per-thread K]\n";
         return 2;
     }
-    int threads = 1, per_thread = 1;
+    int threads = 1, per_thread = 1, warmup = 0;
     deedsr::Options base;
     for (int i = 4; i + 1 < argc; i += 2) {
         std::string flag = argv[i];
@@ -65,11 +67,16 @@ int main(int argc, char **argv) {
         else if (flag == "--seed") base.seed = std::stoull(argv[i + 1]);
         else if (flag == "--steps") base.steps = std::stoi(argv[i + 1]);
         else if (flag == "--images-per-thread") per_thread = std::stoi(argv[i + 1]);
+        else if (flag == "--warmup") warmup = std::stoi(argv[i + 1]);
         else { std::cerr << "unknown option " << flag << "\n"; return 2; }
     }
     try {
         const Image image = read_ppm(argv[2]);
+        const auto opening = std::chrono::steady_clock::now();
         const deedsr::Upscaler upscaler(argv[1], "auto");
+        std::printf("open: %.3f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - opening).count());
+        for (int k = 0; k < warmup; k++)
+            upscaler.upscale(image.rgb.data(), image.width, image.height, base);
         std::vector<std::vector<uint8_t>> results(threads);
         std::vector<std::thread> pool;
         std::atomic<int> failed{0};
