@@ -252,3 +252,27 @@ def test_driver_runs_under_address_sanitizer(driver):
     if not asan:
         pytest.skip("gcc cannot link -fsanitize=address here: apt-get install libasan8 (gcc's)")
     assert "libasan" in run(["ldd", exe]).stdout
+
+
+def test_library_in_a_python_host_uses_its_interpreter_and_never_imports_torch(capi, tiny_engine_dir, tmp_path):
+    """A host that already runs Python (here through ctypes) shares its interpreter; what the
+    library imports to upscale includes no torch, diffusers or reference model."""
+    script = f"""
+import ctypes, sys
+import numpy as np
+lib = ctypes.CDLL({str(capi / "libdeedsr.so")!r})
+lib.deedsr_last_error.restype = ctypes.c_char_p
+handle = ctypes.c_void_p()
+assert lib.deedsr_open({str(tiny_engine_dir).encode()!r}, b"ort", ctypes.byref(handle)) == 0, lib.deedsr_last_error()
+lr = np.full((24, 32, 3), 128, np.uint8)
+sr = np.zeros((96, 128, 3), np.uint8)
+code = lib.deedsr_upscale(handle, lr.ctypes.data_as(ctypes.c_void_p), 32, 24, 96, None,
+                          sr.ctypes.data_as(ctypes.c_void_p), 384)
+assert code == 0, lib.deedsr_last_error()
+lib.deedsr_close(handle)
+heavy = ("torch", "diffusers", "deedsr.models", "deedsr.pipeline", "deedsr.export", "deedsr.train")
+print(sorted({{h for h in heavy for m in sys.modules if m == h or m.startswith(h + ".")}}), sr.std() > 0)
+"""
+    result = run([sys.executable, "-c", script], env={**os.environ})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[] True"

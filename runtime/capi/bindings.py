@@ -139,6 +139,7 @@ def install(ffi, lib) -> None:
     def _deedsr_py_upscale(handle, rgb, width, height, stride, seed, steps, eta, progress, user, out, out_stride):
         try:
             upscaler = table.get(handle)
+            upscaler.check(height, width)  # sizes and memory before copying anything
             src = ffi.buffer(rgb, (height - 1) * stride + width * 3)
             image = np.ndarray((height, width, 3), np.uint8, src, strides=(stride, 3, 1)).copy()
             h, w = SCALE * height, SCALE * width
