@@ -30,6 +30,8 @@ if shutil.which("gcc") is None or shutil.which("g++") is None:
     pytest.skip("needs gcc and g++", allow_module_level=True)
 if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
     pytest.skip("needs the Python headers (python3-dev)", allow_module_level=True)
+if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+    pytest.skip(f"{sys.executable} has no shared libpython to embed", allow_module_level=True)
 
 
 def clean_env(**extra) -> dict:

@@ -83,6 +83,7 @@ int main(int argc, char **argv)
     deedsr_close(upscaler);
     free(rgb);
 
+    int status = code == DEEDSR_OK ? 0 : 10 + code;
     if (code == DEEDSR_OK) { /* write beside the target, then rename: never a half-written PNG */
         png_image out;
         memset(&out, 0, sizeof out);
@@ -90,16 +91,21 @@ int main(int argc, char **argv)
         out.width = (png_uint_32)(4 * width);
         out.height = (png_uint_32)(4 * height);
         out.format = PNG_FORMAT_RGB;
-        size_t n = strlen(out_path) + 8;
-        char *tmp = malloc(n);
-        snprintf(tmp, n, "%s.part", out_path);
-        if (!png_image_write_to_file(&out, tmp, 0, sr, out_stride, NULL) || rename(tmp, out_path) != 0) {
-            fprintf(stderr, "error: %s: %s\n", out_path, out.message[0] ? out.message : "cannot write");
-            remove(tmp);
-            code = -9; /* exit 1 */
+        size_t n = strlen(out_path) + sizeof ".part";
+        char *part = malloc(n);
+        int written = part != NULL;
+        if (written) {
+            snprintf(part, n, "%s.part", out_path);
+            written = png_image_write_to_file(&out, part, 0, sr, out_stride, NULL) && rename(part, out_path) == 0;
         }
-        free(tmp);
+        if (!written) {
+            fprintf(stderr, "error: %s: %s\n", out_path, out.message[0] ? out.message : "cannot write");
+            if (part != NULL)
+                remove(part);
+            status = 1;
+        }
+        free(part);
     }
     free(sr);
-    return code == DEEDSR_OK ? 0 : 10 + code;
+    return status;
 }
