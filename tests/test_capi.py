@@ -121,6 +121,24 @@ def parse(stdout: str) -> dict:
     return rows
 
 
+@pytest.mark.parametrize("error, code", [
+    ("ShapeError", 1), ("ValueError", 1), ("EngineError", 2), ("BackendError", 2),
+    ("InsufficientMemory", 3), ("MemoryError", 3), ("Cancelled", 4), ("TypeError", 5), ("RuntimeError", 5)])
+def test_runtime_errors_map_to_the_documented_codes(error, code):
+    """The mapping behind the C return codes; BackendError (a graph call failing inside
+    onnxruntime or TensorRT) cannot be provoked from C with a healthy engine directory."""
+    import builtins
+
+    from deedsr.runtime import errors
+    from deedsr.runtime.capi.bindings import code_for, message_for
+
+    exc = getattr(errors, error, None) or getattr(builtins, error)
+    assert code_for(exc("what\nhappened")) == code
+    message = message_for(exc("what\nhappened"))
+    assert "\n" not in message and message.endswith("what happened")
+    assert message.startswith("internal error: ") == (code == 5)
+
+
 def test_build_writes_library_header_and_pkgconfig(capi):
     assert {p.name for p in capi.iterdir()} >= {"libdeedsr.so", "deedsr.h", "deedsr.pc"}
     symbols = run(["nm", "-D", "--defined-only", capi / "libdeedsr.so"]).stdout.split()
