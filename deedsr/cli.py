@@ -220,6 +220,33 @@ def demo(outdir, backend, threads, steps, seed):
     click.echo(str(outdir / "astronaut_compare.png"))
 
 
+@main.command()
+@click.option("--out", "outdir", required=True, type=click.Path(), help="Folder for libdeedsr.so, deedsr.h, deedsr.pc.")
+@click.option("--python", "python", type=click.Path(),
+              help="Interpreter the library starts (default: this one); same Python version, e.g. a venv's.")
+@click.option("--verbose", is_flag=True, help="Show the compiler's commands.")
+def capi(outdir, python, verbose):
+    """Build libdeedsr, the runtime behind a C ABI (needs deedsr[capi], a C compiler, Python headers)."""
+    import os
+    import time
+
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {outdir}: exists and is not a folder")
+    if python is not None and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise UsageError(f"--python {python}: not an executable file")
+    from .runtime.capi.build import BuildError, build_library
+
+    started = time.perf_counter()
+    try:
+        library = build_library(out, python=python, verbose=verbose)
+    except BuildError as e:
+        raise click.ClickException(str(e)) from None
+    for path in (library, library.with_name("deedsr.h"), library.with_name("deedsr.pc")):
+        click.echo(str(path))
+    click.echo(f"built in {time.perf_counter() - started:.1f} s", err=True)
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                 "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
