@@ -84,7 +84,7 @@ def build_demo_engine_dir(echo=print) -> Path:
     out = demo_engine_dir()
     if (out / MANIFEST).is_file():
         return out
-    if importlib.util.find_spec("export") is None or importlib.util.find_spec("torch") is None:
+    if importlib.util.find_spec("deedsr.export") is None or importlib.util.find_spec("torch") is None:
         raise EngineError("building the demo engines needs the exporter: pip install 'deedsr[export]' "
                           "(or pass --engines DIR)")
     out.parent.mkdir(parents=True, exist_ok=True)
