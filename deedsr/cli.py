@@ -16,6 +16,9 @@ from .runtime.imageops import COLOR_FIXES
 from .runtime.images import ImageError, expand_inputs, image_size, read_image, write_png
 
 BACKENDS = ("auto", "ort", "trt", "torch")
+MAX_SEED = 2**64 - 1  # numpy's PCG64 seeds are taken as unsigned 64-bit here
+MAX_STEPS = 999  # the most the 1000-step training schedule spaces with steps_offset 1
+STEPS_HELP = f"DDIM steps, 1..{MAX_STEPS} (default: the model's, 50)."
 PRECISIONS = ("auto", "fp32", "fp16")
 
 
@@ -101,14 +104,15 @@ def main(verbose: bool) -> None:
 
 def _sampling_options(f):
     for decorator in reversed([
-        click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the model's, 50)."),
+        click.option("--steps", type=click.IntRange(1, MAX_STEPS), help=STEPS_HELP),
         click.option("--eta", type=click.FloatRange(0.0, 1.0), help="DDIM eta (default 1.0)."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
         click.option("--noise-guidance-steps",
                      help="Comma-separated step indices to guide (default '0'; 'none' for off)."),
         click.option("--init", "init", type=click.Choice(["noise", "lr"]), help="Initial latent."),
         click.option("--tile", type=int, help="Latent tile side for aggregation sampling."),
-        click.option("--tile-overlap", type=int, help="Latent tile overlap."),
+        click.option("--tile-overlap", type=int,
+                     help="Latent tile overlap (default: the model's; with --tile alone at most half the tile)."),
         click.option("--color-fix", type=click.Choice(COLOR_FIXES), help="Colour fix against the upsampled LR."),
     ]):
         f = decorator(f)
@@ -117,7 +121,8 @@ def _sampling_options(f):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(),
+              help="Output folder, or NAME.png when there is one input.")
 @click.option("--engines", type=click.Path(), help="Engine directory written by deedsr-export (default: the demo's).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -137,29 +142,64 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
         failures += 1
     if not paths:
         raise UsageError("no input images")
+    targets = _plan_outputs(paths, Path(outdir))
     upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
     options = dict(
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
     )
-    try:  # refuse bad options once, before any image
-        upscaler.options(**options)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    failures += _upscale_all(upscaler, paths, Path(outdir), options, seed, overwrite)
+    _check_options(upscaler, options)
+    failures += _upscale_all(upscaler, targets, options, seed, overwrite)
     if failures:
         sys.exit(1)
 
 
-def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwrite: bool) -> int:
+def _plan_outputs(paths, output: Path) -> dict:
+    """Every input's output file, and an output folder that exists and can be written, or one
+    line and exit 2 before any work (deedsr/usage.py)."""
+    from .runtime.memory import env_memory_limit
+    from .runtime.stale import remove_stale_pngs
+    from .usage import OutputError, plan_outputs, prepare_folder
+
+    try:
+        env_memory_limit()
+        targets = plan_outputs(paths, output)
+        folder = next(iter(targets.values())).parent
+        prepare_folder(folder)
+    except (OutputError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    remove_stale_pngs(folder)  # temporaries of killed runs
+    return targets
+
+
+def _check_options(upscaler, options: dict) -> None:
+    """Refuse options that cannot work once, before any image; load every graph now so that a
+    graph that does not match manifest.json is refused before the first image too."""
+    from .runtime.errors import EngineError
+    from .runtime.validate import check_noise_guidance, default_overlap
+
+    try:
+        if options["tile"] is not None and options["tile_overlap"] is None:
+            options["tile_overlap"] = default_overlap(options["tile"], upscaler.options().tile_overlap)
+        opts = upscaler.options(**options)
+        check_noise_guidance(opts.steps, opts.noise_guidance_steps)
+        if not 0 <= opts.tile_overlap < opts.tile:
+            raise ValueError(f"tile overlap ({opts.tile_overlap}) must be in 0..{opts.tile - 1} for tile {opts.tile}")
+        backend = getattr(upscaler, "backend", None)
+        if backend is not None:
+            backend.preload()
+    except (ValueError, EngineError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _upscale_all(upscaler, targets: dict, options: dict, seed: int, overwrite: bool) -> int:
     from tqdm import tqdm
 
     from .runtime.errors import BackendError, EngineError
 
     failures = 0
     steps = options.get("steps") or upscaler.default_steps
-    for path in tqdm(paths, desc="images", unit="img", disable=len(paths) < 2, file=sys.stderr):
-        target = outdir / f"{path.stem}.png"
+    for path, target in tqdm(targets.items(), desc="images", unit="img", disable=len(targets) < 2, file=sys.stderr):
         try:
             if target.exists() and not overwrite:
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
@@ -184,8 +224,8 @@ def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwr
               type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--backend", type=click.Choice(BACKENDS[:3]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), help="Compute threads (default: one per core).")
-@click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the model's, 50).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help=STEPS_HELP)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 def demo(outdir, backend, threads, steps, seed):
     """Build the demo engines (once, into the cache) and upscale the bundled astronaut photo.
 
@@ -195,7 +235,12 @@ def demo(outdir, backend, threads, steps, seed):
     from .runtime import demo as demo_mod
     from .runtime.errors import EngineError
     from .runtime.upscaler import Upscaler
+    from .usage import OutputError, prepare_folder
 
+    try:
+        prepare_folder(Path(outdir))
+    except OutputError as e:
+        raise UsageError(str(e)) from None
     try:
         engines = demo_mod.build_demo_engine_dir(echo=lambda msg: click.echo(msg, err=True))
         upscaler = Upscaler.from_engine_dir(engines, backend=backend, threads=threads)
