@@ -185,9 +185,9 @@ def _check_options(upscaler, options: dict) -> None:
         check_noise_guidance(opts.steps, opts.noise_guidance_steps)
         if not 0 <= opts.tile_overlap < opts.tile:
             raise ValueError(f"tile overlap ({opts.tile_overlap}) must be in 0..{opts.tile - 1} for tile {opts.tile}")
-        backend = getattr(upscaler, "backend", None)
-        if backend is not None:
-            backend.preload()
+        preload = getattr(getattr(upscaler, "backend", None), "preload", None)  # the torch backend has none
+        if preload is not None:
+            preload()
     except (ValueError, EngineError) as e:
         raise UsageError(str(e)) from None
 
