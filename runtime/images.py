@@ -42,6 +42,8 @@ def read_image(path: str | Path) -> np.ndarray:
                 raise ImageError(f"is not 8-bit ({_depth(im, mode)}); only 8-bit RGB images are supported")
             if mode in ("L", "1") or (mode == "P" and _palette_is_gray(im)):
                 raise ImageError(f"is grayscale ({mode}); only RGB images are supported")
+            if im.format == "PNG":
+                _check_png_chunks(im.fp.fileno())
             if getattr(im, "is_animated", False):
                 raise ImageError(f"has {getattr(im, 'n_frames', 'several')} frames (an animation or a multi-page "
                                  "file); save the frame to upscale as its own image")
@@ -107,6 +109,35 @@ def _open(path: Path) -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fh) as im:
                 yield im
+
+
+def _check_png_chunks(fd: int) -> None:
+    """Every chunk's CRC up to IEND, image data included: Pillow checks only the other chunks'
+    CRCs and can decode a damaged IDAT to wrong pixels without an error."""
+    offset = 8
+    while True:
+        head = os.pread(fd, 8, offset)
+        if len(head) < 8:
+            raise ImageError("is a truncated PNG (no IEND chunk)")
+        length, kind = struct.unpack(">I4s", head)
+        if length > 0x7FFFFFFF:
+            raise ImageError(f"is a corrupt PNG (chunk length {length})")
+        crc = zlib.crc32(kind)
+        done = 0
+        while done < length:
+            block = os.pread(fd, min(1 << 20, length - done), offset + 8 + done)
+            if not block:
+                raise ImageError(f"is a truncated PNG (in a {kind.decode('latin-1')!r} chunk)")
+            crc = zlib.crc32(block, crc)
+            done += len(block)
+        stored = os.pread(fd, 4, offset + 8 + length)
+        if len(stored) < 4:
+            raise ImageError(f"is a truncated PNG (in a {kind.decode('latin-1')!r} chunk)")
+        if struct.unpack(">I", stored)[0] != crc & 0xFFFFFFFF:
+            raise ImageError(f"is a corrupt PNG (chunk {kind.decode('latin-1')!r} fails its CRC)")
+        if kind == b"IEND":
+            return
+        offset += 12 + length
 
 
 def _check_regular(path: Path) -> None:
