@@ -209,7 +209,10 @@ def _upscale_all(upscaler, targets: dict, options: dict, seed: int, overwrite: b
             image = read_image(path)
             with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
                 result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
-            write_png(result, target)
+            try:
+                write_png(result, target)
+            except OSError as e:  # the folder went away or filled up during the batch
+                raise ImageError(f"cannot write {target} ({e.strerror or e})") from None
             tqdm.write(str(target))
         except EngineError as e:
             raise UsageError(str(e)) from None

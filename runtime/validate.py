@@ -135,11 +135,14 @@ def _scheduler(data: Mapping) -> int:
     for key in ("beta_start", "beta_end"):
         if key in sched:
             _number(sched[key], f"scheduler.{key}", 0.0, 1.0, lo_open=True)
-    for key in ("beta_schedule", "timestep_spacing"):
-        if key in sched:
-            _str(sched[key], f"scheduler.{key}")
-    if "set_alpha_to_one" in sched and not isinstance(sched["set_alpha_to_one"], bool):
-        _fail("scheduler.set_alpha_to_one", f"must be true or false, got {_shown(sched['set_alpha_to_one'])}")
+    if "beta_schedule" in sched:
+        _str(sched["beta_schedule"], "scheduler.beta_schedule")
+    # What this runtime's DDIM implements (runtime/sampler.py); another value would sample differently.
+    if "timestep_spacing" in sched:
+        _str(sched["timestep_spacing"], "scheduler.timestep_spacing", ("leading",))
+    if "set_alpha_to_one" in sched and sched["set_alpha_to_one"] is not False:
+        _fail("scheduler.set_alpha_to_one", f"must be false (the final step uses alphas_cumprod[0]), got "
+              f"{_shown(sched['set_alpha_to_one'])}")
     field = "scheduler.alphas_cumprod"
     alphas = _list(_get(sched, "alphas_cumprod", field), field)
     if len(alphas) != steps:
@@ -300,6 +303,7 @@ def _links(data: Mapping, io: dict[str, tuple[dict, dict]], image: dict[str, int
     need(UNET, "outputs", set(ROLES[UNET].outputs))
     need(DENOISER, "inputs", {*ROLES[DENOISER].inputs, *cond})
     need(DENOISER, "outputs", set(ROLES[DENOISER].outputs))
+    _latent_scale(io, image)
     for graph, key, tensor, channels in ([(*t, 3) for t in RGB_TENSORS]
                                          + [(*t, image["latent_channels"]) for t in LATENT_TENSORS]):
         if graph not in io:
@@ -309,6 +313,30 @@ def _links(data: Mapping, io: dict[str, tuple[dict, dict]], image: dict[str, int
         field = f"graphs.{graph}.{key}[{list(io[graph][index]).index(tensor)}].shape"
         if len(shape) != 4 or shape[1] != channels:
             _fail(field, f"of {tensor!r} must be [batch, {channels}, height, width], got {_shown(shape)}")
+
+
+def _latent_scale(io: dict[str, tuple[dict, dict]], image: dict[str, int]) -> None:
+    """The VAE graphs' spatial axes must scale by image.latent_downscale, as the host assumes."""
+    from .manifest import eval_dim
+
+    d = image["latent_downscale"]
+    side = image["pixel_multiple"] * image["upscale"] * 7  # any valid image side
+    for graph, key, tensor, names, value, want in (
+            (VAE_ENCODER, "outputs", "latent", ("image_height", "image_width"), side, side // d),
+            (VAE_DECODER, "outputs", "image", ("latent_height", "latent_width"), side // d, side)):
+        if graph not in io or tensor not in io[graph][1]:
+            continue
+        shape = io[graph][1][tensor]
+        env = {n: value for n in names}
+        for axis, name in ((2, names[0]), (3, names[1])):
+            try:
+                got = eval_dim(shape[axis], env) if len(shape) == 4 else None
+            except (KeyError, ValueError):
+                got = None
+            if got != want:
+                _fail(f"graphs.{graph}.{key}[{list(io[graph][1]).index(tensor)}].shape",
+                      f"axis {axis} ({_shown(shape[axis] if len(shape) > axis else None)}) does not scale by "
+                      f"image.latent_downscale ({d})")
 
 
 def _optional(root: Path, data: Mapping) -> None:
