@@ -451,3 +451,14 @@ def test_stale_export_folders_removed_and_an_interrupted_swap_restored(tmp_path)
     assert (tmp_path / "eng" / "manifest.json").exists()  # killed mid-swap: the previous directory is back
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["eng", f".eng.tmp-{os.getpid()}-abc12345", f".other.tmp-{dead}-abc12345"])
+
+
+def test_a_killed_writer_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    # the writer dies (as with kill -9) between writing its temporary and renaming it
+    code = ("import os, numpy as np; from deedsr.runtime import images; os.replace = lambda *a: os._exit(9); "
+            f"images.write_png(np.zeros((16, 16, 3), np.uint8), {str(tmp_path / 'x.png')!r})")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    left = list(tmp_path.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".x.") and left[0].name.endswith(".png.tmp")
+    assert remove_stale_pngs(tmp_path) == left
+    assert not any(tmp_path.iterdir())
