@@ -215,6 +215,8 @@ class Manifest:
             raise EngineError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-export") from None
         except (OSError, UnicodeDecodeError) as e:
             raise EngineError(f"{path}: cannot be read ({e})") from None
+        except (RecursionError, ValueError) as e:  # nested too deep, numbers too long to read
+            raise EngineError(f"{path}: not valid JSON ({type(e).__name__}); re-export") from None
         if not isinstance(data, dict):
             raise EngineError(f"{path}: not a manifest (expected a JSON object)")
         schema = data.get("schema")
