@@ -149,27 +149,36 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
     )
     _check_options(upscaler, options)
+    _prepare_output(targets)
     failures += _upscale_all(upscaler, targets, options, seed, overwrite)
     if failures:
         sys.exit(1)
 
 
 def _plan_outputs(paths, output: Path) -> dict:
-    """Every input's output file, and an output folder that exists and can be written, or one
-    line and exit 2 before any work (deedsr/usage.py)."""
+    """Every input's output file (deedsr/usage.py), or one line and exit 2 before any work."""
     from .runtime.memory import env_memory_limit
-    from .runtime.stale import remove_stale_pngs
-    from .usage import OutputError, plan_outputs, prepare_folder
+    from .usage import OutputError, plan_outputs
 
     try:
         env_memory_limit()
-        targets = plan_outputs(paths, output)
-        folder = next(iter(targets.values())).parent
-        prepare_folder(folder)
+        return plan_outputs(paths, output)
     except (OutputError, ValueError) as e:
         raise UsageError(str(e)) from None
+
+
+def _prepare_output(targets: dict) -> None:
+    """The output folder exists and takes a file, or one line and exit 2; done after every other
+    check so that a usage error leaves no empty folder behind."""
+    from .runtime.stale import remove_stale_pngs
+    from .usage import OutputError, prepare_folder
+
+    folder = next(iter(targets.values())).parent
+    try:
+        prepare_folder(folder)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
     remove_stale_pngs(folder)  # temporaries of killed runs
-    return targets
 
 
 def _check_options(upscaler, options: dict) -> None:
@@ -241,13 +250,10 @@ def demo(outdir, backend, threads, steps, seed):
     from .usage import OutputError, prepare_folder
 
     try:
-        prepare_folder(Path(outdir))
-    except OutputError as e:
-        raise UsageError(str(e)) from None
-    try:
         engines = demo_mod.build_demo_engine_dir(echo=lambda msg: click.echo(msg, err=True))
         upscaler = Upscaler.from_engine_dir(engines, backend=backend, threads=threads)
-    except EngineError as e:
+        prepare_folder(Path(outdir))
+    except (EngineError, OutputError) as e:
         raise UsageError(str(e)) from None
     image = read_image(demo_mod.ASSET)
     total = steps or upscaler.default_steps

@@ -1,7 +1,7 @@
 """Check every field of a manifest.json before the runtime uses any of it.
 
 `check_manifest(root, data)` raises EngineError with one line that names the field at fault
-(`.../manifest.json: image.pixel_multiple must be a positive integer, got 0; re-export`).
+(`.../manifest.json: image.pixel_multiple must be an integer in 1..4096, got 0; re-export`).
 It covers types, signs and ranges, the noise schedule, the dimension ranges, the graph table of
 runtime/contract.py (stages and the fixed tensor names, and how the graphs' tensors link), and
 that every file the manifest names stays inside the engine directory once symlinks are resolved.
@@ -17,11 +17,11 @@ from .contract import ADAPTER, DENOISER, LEARNER, MANIFEST, PRECISIONS, REQUIRED
     VAE_ENCODER
 from .errors import BackendError, EngineError
 from .imageops import COLOR_FIXES
+from .sampler import INITS
 
 DTYPE_NAMES = ("float32", "float16", "int64", "int32")
 DIM_NAMES = ("batch", "lr_height", "lr_width", "image_height", "image_width", "latent_height", "latent_width",
              "tile_height", "tile_width")
-INITS = ("noise", "lr")
 MAX_SIDE = 1 << 20  # no dimension of any graph is anywhere near a million
 MAX_TIMESTEPS = 100_000
 MAX_CHANNELS = 1 << 16
