@@ -92,7 +92,7 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{file}: missing (is {path} a DeeDSR checkpoint?)")
     try:
         meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a DeeDSR checkpoint config")

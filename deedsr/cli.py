@@ -16,6 +16,9 @@ from .runtime.imageops import COLOR_FIXES
 from .runtime.images import ImageError, expand_inputs, image_size, read_image, write_png
 
 BACKENDS = ("auto", "ort", "trt", "torch")
+MAX_SEED = 2**64 - 1  # numpy's PCG64 seeds are taken as unsigned 64-bit here
+MAX_STEPS = 999  # the most the 1000-step training schedule spaces with steps_offset 1
+STEPS_HELP = f"DDIM steps, 1..{MAX_STEPS} (default: the model's, 50)."
 PRECISIONS = ("auto", "fp32", "fp16")
 
 
@@ -105,14 +108,15 @@ def main(verbose: bool) -> None:
 
 def _sampling_options(f):
     for decorator in reversed([
-        click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the model's, 50)."),
+        click.option("--steps", type=click.IntRange(1, MAX_STEPS), help=STEPS_HELP),
         click.option("--eta", type=click.FloatRange(0.0, 1.0), help="DDIM eta (default 1.0)."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
         click.option("--noise-guidance-steps",
                      help="Comma-separated step indices to guide (default '0'; 'none' for off)."),
         click.option("--init", "init", type=click.Choice(["noise", "lr"]), help="Initial latent."),
         click.option("--tile", type=int, help="Latent tile side for aggregation sampling."),
-        click.option("--tile-overlap", type=int, help="Latent tile overlap."),
+        click.option("--tile-overlap", type=int,
+                     help="Latent tile overlap (default: the model's; with --tile alone at most half the tile)."),
         click.option("--color-fix", type=click.Choice(COLOR_FIXES), help="Colour fix against the upsampled LR."),
     ]):
         f = decorator(f)
@@ -121,7 +125,8 @@ def _sampling_options(f):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(),
+              help="Output folder, or NAME.png when there is one input.")
 @click.option("--engines", type=click.Path(), help="Engine directory written by deedsr-export (default: the demo's).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -141,6 +146,7 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
         failures += 1
     if not paths:
         raise UsageError("no input images")
+    targets = _plan_outputs(paths, Path(outdir))
     upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
     if not upscaler.trained:
         click.echo(UNTRAINED_WARNING, err=True)
@@ -148,24 +154,67 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
     )
-    try:  # refuse bad options once, before any image
-        upscaler.options(**options)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    failures += _upscale_all(upscaler, paths, Path(outdir), options, seed, overwrite)
+    _check_options(upscaler, options)
+    _prepare_output(targets)
+    failures += _upscale_all(upscaler, targets, options, seed, overwrite)
     if failures:
         sys.exit(1)
 
 
-def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwrite: bool) -> int:
+def _plan_outputs(paths, output: Path) -> dict:
+    """Every input's output file (deedsr/usage.py), or one line and exit 2 before any work."""
+    from .runtime.memory import env_memory_limit
+    from .usage import OutputError, plan_outputs
+
+    try:
+        env_memory_limit()
+        return plan_outputs(paths, output)
+    except (OutputError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _prepare_output(targets: dict) -> None:
+    """The output folder exists and takes a file, or one line and exit 2; done after every other
+    check so that a usage error leaves no empty folder behind."""
+    from .runtime.stale import remove_stale_pngs
+    from .usage import OutputError, prepare_folder
+
+    folder = next(iter(targets.values())).parent
+    try:
+        prepare_folder(folder)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    remove_stale_pngs(folder)  # temporaries of killed runs
+
+
+def _check_options(upscaler, options: dict) -> None:
+    """Refuse options that cannot work once, before any image; load every graph now so that a
+    graph that does not match manifest.json is refused before the first image too."""
+    from .runtime.errors import EngineError
+    from .runtime.validate import check_noise_guidance, default_overlap
+
+    try:
+        if options["tile"] is not None and options["tile_overlap"] is None:
+            options["tile_overlap"] = default_overlap(options["tile"], upscaler.options().tile_overlap)
+        opts = upscaler.options(**options)
+        check_noise_guidance(opts.steps, opts.noise_guidance_steps)
+        if not 0 <= opts.tile_overlap < opts.tile:
+            raise ValueError(f"tile overlap ({opts.tile_overlap}) must be in 0..{opts.tile - 1} for tile {opts.tile}")
+        preload = getattr(getattr(upscaler, "backend", None), "preload", None)  # the torch backend has none
+        if preload is not None:
+            preload()
+    except (ValueError, EngineError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _upscale_all(upscaler, targets: dict, options: dict, seed: int, overwrite: bool) -> int:
     from tqdm import tqdm
 
     from .runtime.errors import BackendError, EngineError
 
     failures = 0
     steps = options.get("steps") or upscaler.default_steps
-    for path in tqdm(paths, desc="images", unit="img", disable=len(paths) < 2, file=sys.stderr):
-        target = outdir / f"{path.stem}.png"
+    for path, target in tqdm(targets.items(), desc="images", unit="img", disable=len(targets) < 2, file=sys.stderr):
         try:
             if target.exists() and not overwrite:
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
@@ -175,7 +224,10 @@ def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwr
             image = read_image(path)
             with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
                 result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
-            write_png(result, target)
+            try:
+                write_png(result, target)
+            except OSError as e:  # the folder went away or filled up during the batch
+                raise ImageError(f"cannot write {target} ({e.strerror or e})") from None
             tqdm.write(str(target))
         except EngineError as e:
             raise UsageError(str(e)) from None
@@ -190,8 +242,8 @@ def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwr
               type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--backend", type=click.Choice(BACKENDS[:3]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), help="Compute threads (default: one per core).")
-@click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the model's, 50).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help=STEPS_HELP)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 def demo(outdir, backend, threads, steps, seed):
     """Build the demo engines (once, into the cache) and upscale the bundled astronaut photo.
 
@@ -201,11 +253,13 @@ def demo(outdir, backend, threads, steps, seed):
     from .runtime import demo as demo_mod
     from .runtime.errors import EngineError
     from .runtime.upscaler import Upscaler
+    from .usage import OutputError, prepare_folder
 
     try:
         engines = demo_mod.build_demo_engine_dir(echo=lambda msg: click.echo(msg, err=True))
         upscaler = Upscaler.from_engine_dir(engines, backend=backend, threads=threads)
-    except EngineError as e:
+        prepare_folder(Path(outdir))
+    except (EngineError, OutputError) as e:
         raise UsageError(str(e)) from None
     image = read_image(demo_mod.ASSET)
     total = steps or upscaler.default_steps

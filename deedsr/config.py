@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_check import check_config_dict
+
 
 @dataclass
 class LearnerConfig:
@@ -150,6 +152,7 @@ class DeeDSRConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DeeDSRConfig":
+        check_config_dict(data)  # types, signs and sizes, one line naming the field (config_check.py)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

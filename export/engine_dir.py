@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from deedsr.runtime.contract import MANIFEST, PRECISIONS, ROLES, SCHEMA, SCHEMA_VERSION
+from deedsr.runtime.stale import remove_stale_exports
 
 from deedsr import __version__
 from deedsr.models import DeeDSR
@@ -82,7 +83,8 @@ def export_engine_dir(
     dims = compute_dims(model, tile, min_size, max_size, max_batch)
     model = model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_exports(out)  # what killed exports to this name left (runtime/stale.py)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         graphs = {}
         for spec in graph_specs(model, fuse_denoiser):

@@ -29,6 +29,7 @@ from .contract import (
     call_order,
 )
 from .errors import EngineError, ShapeError
+from .validate import check_manifest
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 DIM_NAMES = ("batch", "lr_height", "lr_width", "image_height", "image_width", "latent_height", "latent_width",
@@ -135,6 +136,7 @@ class Manifest:
         self.root = root
         self.data = data
         where = f"{root / MANIFEST}"
+        check_manifest(root, data)  # every field, with a line that names it (runtime/validate.py)
         try:
             self.image = {k: int(data["image"][k]) for k in
                           ("upscale", "latent_downscale", "latent_multiple", "latent_channels", "pixel_multiple")}
@@ -213,6 +215,8 @@ class Manifest:
             raise EngineError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); re-export") from None
         except (OSError, UnicodeDecodeError) as e:
             raise EngineError(f"{path}: cannot be read ({e})") from None
+        except (RecursionError, ValueError) as e:  # nested too deep, numbers too long to read
+            raise EngineError(f"{path}: not valid JSON ({type(e).__name__}); re-export") from None
         if not isinstance(data, dict):
             raise EngineError(f"{path}: not a manifest (expected a JSON object)")
         schema = data.get("schema")

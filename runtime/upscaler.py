@@ -32,8 +32,10 @@ from .imageops import (
     color_fix,
     pad_to_multiple,
 )
+from .integrity import verify_backend
 from .manifest import Manifest
 from .memory import available_memory, human_bytes
+from .validate import check_decoded, check_latent, check_noise_guidance, default_overlap
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,16 @@ class Upscaler:
         threads: intra-op threads of onnxruntime (default: one per physical core).
         use_denoiser: the fused adapter+UNet graph (default: when the directory has it).
         memory_limit: bytes an image may need (default: $DEEDSR_MEMORY_LIMIT or available RAM).
+        Every graph the backend will run is hashed against manifest.json (cached: runtime/integrity.py).
         """
         manifest = Manifest.load(path)
-        return cls(manifest, open_backend(manifest, backend, precision, threads, use_denoiser), memory_limit)
+        opened = open_backend(manifest, backend, precision, threads, use_denoiser)
+        try:
+            verify_backend(manifest, opened)
+        except BaseException:
+            opened.close()
+            raise
+        return cls(manifest, opened, memory_limit)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -83,6 +92,8 @@ class Upscaler:
     def options(self, steps=None, eta=None, noise_guidance_steps=None, init=None, tile=None, tile_overlap=None,
                 color_fix=None) -> SamplerOptions:
         d = self.manifest.sampler
+        if tile is not None and tile_overlap is None:  # a tile alone: an overlap that fits it
+            tile_overlap = default_overlap(tile, d["tile_overlap"])
         opts = SamplerOptions(
             steps=int(d["steps"] if steps is None else steps),
             eta=float(d["eta"] if eta is None else eta),
@@ -101,6 +112,7 @@ class Upscaler:
         if opts.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown colour fix '{opts.color_fix}'; choose one of {', '.join(COLOR_FIXES)}")
         self.schedule.timesteps(opts.steps)  # raises for a step count the schedule cannot space
+        check_noise_guidance(opts.steps, opts.noise_guidance_steps)
         self.manifest.check_tile(opts.tile)
         if not 0 <= opts.tile_overlap < opts.tile:
             raise ValueError(f"tile overlap ({opts.tile_overlap}) must be in 0..{opts.tile - 1} for tile {opts.tile}")
@@ -192,7 +204,9 @@ class Upscaler:
         return Job(z_lr=z_lr, conditions=conditions, rng=np.random.Generator(np.random.PCG64(seed))), up
 
     def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions) -> np.ndarray:
+        check_latent(latent)
         decoded = self.backend.run(VAE_DECODER, {"latent": latent})["image"]
+        check_decoded(decoded, latent.shape, self.manifest.image["latent_downscale"])
         sr = (np.clip(decoded, -1, 1) + 1) / 2
         sr = np.clip(color_fix(sr, up, opts.color_fix), 0, 1)
         h, w = size

@@ -53,12 +53,12 @@ def test_missing_directory_manifest_and_keys(tmp_path, engine):
     data = json.loads((engine / "manifest.json").read_text())
     del data["dims"]
     write(engine, data)
-    with pytest.raises(EngineError, match="missing 'dims'"):
+    with pytest.raises(EngineError, match="dims is missing; re-export"):
         Manifest.load(engine)
     data = manifest_dict(engine)
     del data["graphs"]["unet"]
     write(engine, data)
-    with pytest.raises(EngineError, match="no graph unet; the engine directory is incomplete"):
+    with pytest.raises(EngineError, match="graphs.unet is missing; re-export"):
         Manifest.load(engine)
 
 

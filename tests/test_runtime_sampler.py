@@ -68,9 +68,8 @@ class TorchGraphs(Backend):
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic-engines")
-    data = manifest_dict(root, tile=16)
+    data = manifest_dict(root, tile=16, conditions=CONDITION_NAMES)
     data["scheduler"]["alphas_cumprod"] = [float(a) for a in alphas_cumprod(SchedulerConfig())]
-    data["conditions"] = CONDITION_NAMES
     return Manifest.load(write(root, data))
 
 

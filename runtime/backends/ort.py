@@ -151,11 +151,20 @@ class OrtBackend(Backend):
         except Exception as e:  # onnxruntime raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"{entry.file}: onnxruntime cannot load it ({first[:300]}); re-export") from None
-        names = {i.name for i in sess.get_inputs()}
         spec = self.manifest.graphs[graph]
-        if set(spec.input_names) != names:
-            raise EngineError(f"{entry.file}: inputs {sorted(names)} differ from manifest.json's "
-                              f"{sorted(spec.input_names)}; re-export")
+        for kind, declared, actual in (("inputs", spec.inputs, sess.get_inputs()),
+                                       ("outputs", spec.outputs, sess.get_outputs())):
+            names = {t.name for t in actual}
+            if {t.name for t in declared} != names:
+                raise EngineError(f"{entry.file}: {kind} {sorted(names)} differ from manifest.json's "
+                                  f"{sorted(t.name for t in declared)}; re-export")
+            shapes = {t.name: t.shape for t in actual}
+            for t in declared:  # fixed axes (channels) must agree; named axes are dynamic
+                got = shapes[t.name]
+                if len(got) != len(t.shape) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                                   for a, b in zip(t.shape, got)):
+                    raise EngineError(f"{entry.file}: {t.name} has shape {list(got)}, manifest.json says "
+                                      f"{list(t.shape)}; re-export")
         log.info("loaded %s", entry.file)
         return sess
 
