@@ -148,14 +148,14 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
         raise UsageError("no input images")
     targets = _plan_outputs(paths, Path(outdir))
     upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
-    if not upscaler.trained:
-        click.echo(UNTRAINED_WARNING, err=True)
     options = dict(
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
     )
     _check_options(upscaler, options)
     _prepare_output(targets)
+    if not upscaler.trained:  # after every usage check: an error stays one line
+        click.echo(UNTRAINED_WARNING, err=True)
     failures += _upscale_all(upscaler, targets, options, seed, overwrite)
     if failures:
         sys.exit(1)

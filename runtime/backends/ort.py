@@ -1,9 +1,9 @@
 """onnxruntime backend.
 
-CPU: CPUExecutionProvider, `threads` intra-op threads (default: onnxruntime's, one per
-physical core) in one thread pool shared by all sessions (`_global_thread_pool`), sequential
-execution, all graph optimisations, one CPU memory arena shared by all sessions
-(`_shared_cpu_arena`).
+CPU: CPUExecutionProvider, `threads` intra-op threads per session (default: onnxruntime's, one
+per physical core) that do not spin after a call, sequential execution, all graph
+optimisations, one CPU memory arena shared by all sessions (`_shared_cpu_arena`). Nothing
+process-wide that would change how the host application's own sessions must be created.
 
 GPU (only when onnxruntime-gpu is installed; cannot be exercised on the machines this project
 is tested on, so it is kept thin and on documented APIs): the providers are
@@ -54,32 +54,6 @@ def _shared_cpu_arena(ort) -> bool:
                 _arena = "already" in str(e).lower()
                 log.info("shared CPU arena: %s", "in place" if _arena else f"not available ({e})")
         return _arena
-
-
-_pool: int | bool | None = None  # threads of the process-wide pool (0: default), False: not ours
-
-
-def _global_thread_pool(ort, threads: int | None) -> bool:
-    """One intra-op thread pool for all sessions of the process (when the first backend asks for
-    it; later backends share it if they want the same thread count).
-
-    Per-session pools each spin for a while after a call, so the adapter's pool and the UNet's
-    compete for the same cores: on the tiny preset (2 cores) a 10-step image took 2.5 s with
-    per-session pools and 1.5 s with one shared pool."""
-    global _pool
-    wanted = int(threads or 0)
-    with _arena_lock:
-        if _pool is None:
-            try:
-                ort.set_global_thread_pool_sizes(wanted, 1)
-                _pool = wanted
-            except Exception as e:  # the host application created the global pools already
-                log.info("process-wide thread pool not available (%s); one pool per session", e)
-                _pool = False
-        if _pool is not False and _pool != wanted:
-            log.info("process-wide thread pool has %s threads, %s asked for: one pool per session",
-                     _pool or "default", wanted or "default")
-        return _pool is not False and _pool == wanted
 
 
 class OrtBackend(Backend):
@@ -134,12 +108,13 @@ class OrtBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if _global_thread_pool(ort, self.threads):
-            options.use_per_session_threads = False
-        else:
-            options.inter_op_num_threads = 1
-            if self.threads:
-                options.intra_op_num_threads = int(self.threads)
+        options.inter_op_num_threads = 1
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+        # Threads that spin after a call compete with the next graph's (adapter, then UNet) for
+        # the same cores. A process-wide pool avoided that too, but it makes onnxruntime refuse
+        # every later session with its own pool, the host application's included.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         if _shared_cpu_arena(ort):
             options.add_session_config_entry("session.use_env_allocators", "1")
