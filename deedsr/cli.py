@@ -14,6 +14,7 @@ import click
 
 from .runtime.imageops import COLOR_FIXES
 from .runtime.images import ImageError, expand_inputs, image_size, read_image, write_png
+from .runtime.profiles import PROFILES
 
 BACKENDS = ("auto", "ort", "trt", "torch")
 PRECISIONS = ("auto", "fp32", "fp16")
@@ -110,6 +111,9 @@ def _sampling_options(f):
         click.option("--tile", type=int, help="Latent tile side for aggregation sampling."),
         click.option("--tile-overlap", type=int, help="Latent tile overlap."),
         click.option("--color-fix", type=click.Choice(COLOR_FIXES), help="Colour fix against the upsampled LR."),
+        click.option("--profile", type=click.Choice(PROFILES),
+                     help="Sampling profile (default: the model's): paper, or reference-code for weights "
+                          "imported from the public implementation."),
     ]):
         f = decorator(f)
     return f
@@ -128,7 +132,7 @@ def _sampling_options(f):
 @_sampling_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, preset, steps, eta, seed,
-            noise_guidance_steps, init, tile, tile_overlap, color_fix, overwrite):
+            noise_guidance_steps, init, tile, tile_overlap, color_fix, profile, overwrite):
     """Upscale INPUTS (files, folders or globs) x4 into OUTDIR as PNG."""
     paths, unmatched = expand_inputs(list(inputs))
     failures = 0
@@ -140,7 +144,7 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
     upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
     options = dict(
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
-        tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
+        tile=tile, tile_overlap=tile_overlap, color_fix=color_fix, profile=profile,
     )
     try:  # refuse bad options once, before any image
         upscaler.options(**options)
@@ -165,7 +169,7 @@ def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwr
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
             size = image_size(path)
             if size is not None:  # shape ranges and memory, before decoding (read_image says why not)
-                upscaler.check(size[1], size[0], options.get("tile"))
+                upscaler.check(size[1], size[0], options.get("tile"), options.get("profile"))
             image = read_image(path)
             with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
                 result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)

@@ -44,8 +44,9 @@ class GraphRole:
 GRAPHS: tuple[GraphRole, ...] = (
     GraphRole(LEARNER, PER_IMAGE, True, "lr", ("lr",), ("degradation",),
               "LR in [0, 1] -> degradation vector and every adapter input that depends only on it"),
-    GraphRole(VAE_ENCODER, PER_IMAGE, True, "image", ("image",), ("latent",),
-              "bicubic x4 image in [-1, 1] -> scaled latent"),
+    GraphRole(VAE_ENCODER, PER_IMAGE, True, "image", ("image",), ("latent", "latent_std"),
+              "bicubic x4 image -> scaled posterior mean and standard deviation (latent_std: not in "
+              "directories exported before the sampling profiles)"),
     GraphRole(ADAPTER, PER_STEP, True, "tile", ("z_lr", "timestep"), ("tokens",),
               "LR latent tile, t, conditions -> local maps and tokens"),
     GraphRole(UNET, PER_STEP, True, "tile", ("x_t", "timestep", "tokens"), ("eps",),
