@@ -182,9 +182,7 @@ class Stage2(Stage):
             posterior = model.vae.encode(batch["hr"] * 2 - 1).latent_dist
             z0 = posterior.sample(generator=generator) if cfg.sample_posterior else posterior.mean
             z0 = z0.float() * sf
-            lr_posterior = model.vae.encode(self.profile.encoder_input(batch["lr_up"])).latent_dist
-            z_lr = lr_posterior.sample(generator=generator) if self.profile.samples_posterior else lr_posterior.mean
-            z_lr = z_lr.float() * sf
+            z_lr = self.lr_latent(batch["lr_up"], generator)
             d = model.learner(batch["lr"]).float()
         b = z0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=generator.device).to(self.device)
@@ -194,6 +192,12 @@ class Stage2(Stage):
         with autocast(self.device, cfg.mixed_precision):
             eps = self.denoiser(x_t, t.float(), z_lr, d)
         return F.mse_loss(eps.float(), noise)
+
+    def lr_latent(self, lr_up: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """z_lr of the bicubic x4 LR in [0, 1] as the sampler makes it under the training profile."""
+        posterior = self.model.vae.encode(self.profile.encoder_input(lr_up)).latent_dist
+        z = posterior.sample(generator=generator) if self.profile.samples_posterior else posterior.mean
+        return z.float() * self.model.scaling_factor
 
     def generator(self, step: int, micro: int) -> torch.Generator:
         seed = derive_seed(self.cfg.seed, 2, step, self.info.rank, micro)
