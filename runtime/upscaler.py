@@ -31,8 +31,8 @@ from .imageops import (
     color_fix,
 )
 from .manifest import Manifest
-from .profiles import LATENT_STD, Profile, get_profile
 from .memory import available_memory, human_bytes
+from .profiles import LATENT_STD, Profile, get_profile
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
 
 log = logging.getLogger(__name__)
