@@ -33,14 +33,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from deedsr.runtime.demo import demo_checkpoint
+    from deedsr.runtime.profiles import PROFILES
     from skimage import data
 
     from deedsr.degradations import degrade_level
     from deedsr.metrics import psnr, ssim
     from deedsr.models import load_checkpoint
     from deedsr.pipeline import DeeDSRPipeline
-    from deedsr.runtime.demo import demo_checkpoint
-    from deedsr.runtime.profiles import PROFILES
     from deedsr.train.evaluate import prepare_hr
 
     torch.set_num_threads(args.threads)

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from deedsr.runtime import profiles
 from deedsr.runtime.imageops import bicubic_upscale
-from deedsr.runtime.profiles import PAPER, REFERENCE_CODE, get_profile, reference_padding
+from deedsr.runtime.profiles import (
+    PAPER,
+    REFERENCE_CODE,
+    get_profile,
+    reference_padding,
+)
 from skimage import data
 
 

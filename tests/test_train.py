@@ -380,8 +380,9 @@ def test_stage2_starts_from_an_sd_folder_and_keeps_the_frozen_part_frozen(compon
 
 
 def test_stage2_trains_under_its_profile_and_writes_it_into_the_checkpoint(components, photo_dir, tmp_path):
-    from deedsr.models import load_checkpoint
     from deedsr.runtime.profiles import torch_bicubic_upscale
+
+    from deedsr.models import load_checkpoint
     from deedsr.train.stage2 import Stage2
 
     with pytest.raises(ConfigError, match=r"^test.profile: must be one of paper, reference-code \(or empty: the "
@@ -404,7 +405,7 @@ def test_stage2_trains_under_its_profile_and_writes_it_into_the_checkpoint(compo
     written = stage.finalize(tmp_path / "s2")
     assert load_checkpoint(written).config.sampler.profile == "reference-code"
     # fine-tuning from it keeps its profile unless the config names another
-    init = dict(vae="", learner="", init=str(written))
+    init = {"vae": "", "learner": "", "init": str(written)}
     assert Stage2(stage2_cfg(photo_dir, tmp_path / "a", components, **init), tdist.DistInfo()).profile.name == \
         "reference-code"
     paper = Stage2(stage2_cfg(photo_dir, tmp_path / "b", components, profile="paper", **init), tdist.DistInfo())
