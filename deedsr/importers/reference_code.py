@@ -1,6 +1,7 @@
 """Checkpoints saved by the public reference implementation (ControlNet/ldm layout)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -258,7 +259,8 @@ def import_reference_checkpoint(path: str | Path, config: DeeDSRConfig | None = 
     """
     path = Path(path)
     config = config if config is not None else preset("sd21-base")
-    config = dataclasses.replace(config, sampler=dataclasses.replace(config.sampler, profile=REFERENCE_CODE))
+    config = copy.copy(config)  # the caller's stays as it was; not replace(): no re-validation here
+    config.sampler = dataclasses.replace(config.sampler, profile=REFERENCE_CODE)
     state = _read_reference_state(path)
 
     unet_state, vae_state, adapter_state = {}, {}, {}
