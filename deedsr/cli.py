@@ -14,6 +14,7 @@ import click
 
 from .runtime.imageops import COLOR_FIXES
 from .runtime.images import ImageError, expand_inputs, image_size, read_image, write_png
+from .runtime.profiles import PROFILES
 
 BACKENDS = ("auto", "ort", "trt", "torch")
 MAX_SEED = 2**64 - 1  # numpy's PCG64 seeds are taken as unsigned 64-bit here
@@ -118,6 +119,9 @@ def _sampling_options(f):
         click.option("--tile-overlap", type=int,
                      help="Latent tile overlap (default: the model's; with --tile alone at most half the tile)."),
         click.option("--color-fix", type=click.Choice(COLOR_FIXES), help="Colour fix against the upsampled LR."),
+        click.option("--profile", type=click.Choice(PROFILES),
+                     help="Sampling profile (default: the model's): paper, or reference-code for weights "
+                          "imported from the public implementation."),
     ]):
         f = decorator(f)
     return f
@@ -137,7 +141,7 @@ def _sampling_options(f):
 @_sampling_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, preset, steps, eta, seed,
-            noise_guidance_steps, init, tile, tile_overlap, color_fix, overwrite):
+            noise_guidance_steps, init, tile, tile_overlap, color_fix, profile, overwrite):
     """Upscale INPUTS (files, folders or globs) x4 into OUTDIR as PNG."""
     paths, unmatched = expand_inputs(list(inputs))
     failures = 0
@@ -150,7 +154,7 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
     upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
     options = dict(
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
-        tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
+        tile=tile, tile_overlap=tile_overlap, color_fix=color_fix, profile=profile,
     )
     _check_options(upscaler, options)
     _prepare_output(targets)
@@ -220,7 +224,7 @@ def _upscale_all(upscaler, targets: dict, options: dict, seed: int, overwrite: b
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
             size = image_size(path)
             if size is not None:  # shape ranges and memory, before decoding (read_image says why not)
-                upscaler.check(size[1], size[0], options.get("tile"))
+                upscaler.check(size[1], size[0], options.get("tile"), options.get("profile"))
             image = read_image(path)
             with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
                 result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)

@@ -110,6 +110,9 @@ class SamplerConfig:
     tile: int = 64  # latent tile side for aggregation sampling
     tile_overlap: int = 32
     color_fix: str = "none"  # "adain" | "wavelet" | "none"
+    # "paper" | "reference-code": how the LR latent is made and pixels quantised
+    # (deedsr.runtime.profiles); the profile the weights were trained under.
+    profile: str = "paper"
 
 
 @dataclass

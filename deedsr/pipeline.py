@@ -3,14 +3,17 @@
 Random numbers come only from `numpy.random.Generator(numpy.random.PCG64(seed))`, one
 generator per image, drawn in this order (every draw `standard_normal(shape, float32)`
 with shape (1, 4, h, w), the whole padded latent):
+  0. under the `reference-code` profile only, the VAE posterior's noise: z_lr = mean + std * noise
+     (the public code encodes, then samples; under `paper` z_lr is the mean and nothing is drawn);
   1. the initial noise x_T (also used by the LR initialisation);
   2. at every DDIM step, when eta > 0, the step's variance noise, after the step's epsilon.
+The profile's host maths (bicubic, padding, encoder input range, posterior draw, uint8
+quantisation) are the runtime's own (deedsr.runtime.profiles).
 Tiles never draw: noise is drawn for the whole latent, so the tile size does not change
 the result's randomness. The numpy runtime draws in the same order.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Callable
 
@@ -21,7 +24,8 @@ from .color import color_fix
 from .config import SamplerConfig
 from .models import DeeDSR
 from .runtime.errors import Cancelled, StepInfo
-from .runtime.imageops import bicubic_upscale, check_image, pad_to_multiple
+from .runtime.imageops import check_image
+from .runtime.profiles import get_profile
 from .runtime.sampler import INITS
 from .runtime.tiling import gaussian_weights, tiles
 from .schedule import make_scheduler
@@ -46,6 +50,7 @@ class DeeDSRPipeline:
             raise ValueError(f"unknown init '{cfg.init}'; choose one of {', '.join(INITS)}")
         if not 0.0 <= cfg.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {cfg.eta}")
+        get_profile(cfg.profile)  # ValueError for an unknown one
         if cfg.tile % self.config.latent_multiple:
             raise ValueError(f"tile must be a multiple of {self.config.latent_multiple}, got {cfg.tile}")
         return cfg
@@ -66,10 +71,10 @@ class DeeDSRPipeline:
         h, w = image.shape[:2]
 
         lr = image.astype(np.float32) / 255.0
+        profile = get_profile(cfg.profile)
         pixel_multiple = self.config.latent_multiple * self.config.latent_downscale // scale
-        upscaled = bicubic_upscale(pad_to_multiple(lr, pixel_multiple), scale)
-        up = self._to_tensor(upscaled)
-        z_lr = model.encode(up * 2 - 1)
+        up = self._to_tensor(profile.upscale(lr, scale, pixel_multiple))
+        z_lr = self.encode_lr(up, profile, rng)
         d = model.learner(self._to_tensor(lr))
         conditions = model.adapter.condition(d)
 
@@ -77,7 +82,13 @@ class DeeDSRPipeline:
         sr = (model.decode(latent).clamp(-1, 1) + 1) / 2
         sr = color_fix(sr, up, cfg.color_fix).clamp(0, 1)
         sr = sr[0].permute(1, 2, 0).cpu().numpy()[: h * scale, : w * scale]
-        return np.round(sr * 255.0).astype(np.uint8)
+        return profile.to_uint8(sr)
+
+    def encode_lr(self, up: torch.Tensor, profile, rng: np.random.Generator) -> torch.Tensor:
+        """The x4 image in [0, 1] -> z_lr, as the profile makes it (posterior mean or sample)."""
+        mean, std = self.model.encode_posterior(profile.encoder_input(up))
+        encoded = {"latent": mean.cpu().numpy(), "latent_std": std.cpu().numpy()}
+        return torch.from_numpy(profile.lr_latent(encoded, rng)).to(self.device)
 
     def _to_tensor(self, hwc: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None].to(self.device)
@@ -130,9 +141,10 @@ class DeeDSRPipeline:
         return torch.full((batch,), float(t), device=self.device)
 
 
-def latent_shape(config, height: int, width: int) -> tuple[int, int]:
-    """Latent (h, w) the sampler uses for an LR image of height x width."""
+def latent_shape(config, height: int, width: int, profile: str | None = None) -> tuple[int, int]:
+    """Latent (h, w) the sampler uses for an LR image of height x width (default: the
+    config's profile)."""
     scale, down = config.upscale, config.latent_downscale
     multiple = config.latent_multiple * down // scale
-    ph, pw = math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
+    ph, pw = get_profile(profile or config.sampler.profile).padded_lr_size(height, width, multiple)
     return ph * scale // down, pw * scale // down

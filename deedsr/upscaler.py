@@ -43,7 +43,7 @@ class TorchUpscaler:
         """The sampler settings for these overrides; ValueError for a bad one (before any image)."""
         return self.pipeline.sampler_config(**overrides)
 
-    def check(self, height: int, width: int, tile: int | None = None) -> None:
+    def check(self, height: int, width: int, tile: int | None = None, profile: str | None = None) -> None:
         """The reference takes any size of at least 8 px a side; memory is the user's to judge."""
         if min(height, width) < 8:
             raise ValueError(f"image is {width}x{height}; each side must be at least 8 pixels")

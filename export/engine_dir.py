@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from deedsr.runtime.contract import MANIFEST, PRECISIONS, ROLES, SCHEMA, SCHEMA_VERSION
+from deedsr.runtime.profiles import PROFILES, get_profile
 from deedsr.runtime.stale import remove_stale_exports
 
 from deedsr import __version__
@@ -45,6 +46,8 @@ def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_bat
     opt_lr = min(max(tile * down // scale, min_size), max_size)
     lr = {"min": min_size, "opt": opt_lr, "max": max_size}
     image = {k: _round_up(v, pixel) * scale for k, v in lr.items()}
+    # every profile can take every LR size in range (reference-code may pad one multiple more)
+    image["max"] = max(get_profile(p).largest_padded_side(max_size, pixel) for p in PROFILES) * scale
     latent = {k: v // down for k, v in image.items()}
     tiles = {"min": min(latent["min"], tile), "opt": min(latent["opt"], tile), "max": tile}
     dims = {"batch": {"min": 1, "opt": 1, "max": max_batch}}
@@ -210,6 +213,7 @@ def build_manifest(model: DeeDSR, dims: dict, graphs: dict, opset: int, tile: in
             "tile_overlap": min(sampler.tile_overlap, tile // 2),
             "tile_weight_variance": 0.01,
             "color_fix": sampler.color_fix,
+            "profile": sampler.profile,
         },
         "dims": dims,
         "conditions": condition_names(model),

@@ -18,6 +18,7 @@ from deedsr.runtime.contract import (
     VAE_DECODER,
     VAE_ENCODER,
 )
+from deedsr.runtime.profiles import LATENT_STD
 from torch import nn
 
 from deedsr.models import DeeDSR
@@ -49,12 +50,15 @@ class LearnerGraph(nn.Module):
 
 
 class VaeEncoderGraph(nn.Module):
+    """Image -> the scaled posterior's mean (`latent`) and standard deviation (`latent_std`,
+    for profiles that sample the posterior)."""
+
     def __init__(self, model: DeeDSR):
         super().__init__()
         self.model = model
 
     def forward(self, image):
-        return self.model.encode(image)
+        return self.model.encode_posterior(image)
 
 
 class VaeDecoderGraph(nn.Module):
@@ -154,7 +158,7 @@ def graph_specs(model: DeeDSR, fuse_denoiser: bool = False) -> list[GraphSpec]:
         GraphSpec(
             VAE_ENCODER, ROLES[VAE_ENCODER].stage, VaeEncoderGraph(model),
             [("image", ["batch", 3, "image_height", "image_width"])],
-            [("latent", ["batch", lat, f"image_height/{down}", f"image_width/{down}"])],
+            [(name, ["batch", lat, f"image_height/{down}", f"image_width/{down}"]) for name in ("latent", LATENT_STD)],
             lambda b, h, w: (torch.rand(b, 3, h, w) * 2 - 1,),
         ),
         GraphSpec(

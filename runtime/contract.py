@@ -39,13 +39,15 @@ class GraphRole:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     summary: str
+    optional_outputs: tuple[str, ...] = ()  # outputs that older exports lack
 
 
 GRAPHS: tuple[GraphRole, ...] = (
     GraphRole(LEARNER, PER_IMAGE, True, "lr", ("lr",), ("degradation",),
               "LR in [0, 1] -> degradation vector and every adapter input that depends only on it"),
     GraphRole(VAE_ENCODER, PER_IMAGE, True, "image", ("image",), ("latent",),
-              "bicubic x4 image in [-1, 1] -> scaled latent"),
+              "bicubic x4 image -> scaled posterior mean (and its standard deviation, `latent_std`, "
+              "which directories exported before the sampling profiles lack)", ("latent_std",)),
     GraphRole(ADAPTER, PER_STEP, True, "tile", ("z_lr", "timestep"), ("tokens",),
               "LR latent tile, t, conditions -> local maps and tokens"),
     GraphRole(UNET, PER_STEP, True, "tile", ("x_t", "timestep", "tokens"), ("eps",),

@@ -29,6 +29,7 @@ from .contract import (
     call_order,
 )
 from .errors import EngineError, ShapeError
+from .profiles import PAPER, get_profile
 from .validate import check_manifest
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
@@ -148,6 +149,8 @@ class Manifest:
             self.sampler = dict(data["sampler"])
             for key in ("steps", "eta", "noise_guidance_steps", "init", "tile", "tile_overlap", "color_fix"):
                 self.sampler[key]  # noqa: B018 - presence check
+            self.sampler.setdefault("profile", PAPER)  # written since the profiles; before, all were paper
+            get_profile(self.sampler["profile"])
             self.dims = {name: DimRange(int(r["min"]), int(r["opt"]), int(r["max"]))
                          for name, r in data["dims"].items()}
             self.conditions = [str(c) for c in data["conditions"]]
@@ -305,13 +308,15 @@ class Manifest:
         cfg = self.model.get("config")
         return cfg if isinstance(cfg, dict) else {}
 
-    def padded(self, height: int, width: int) -> tuple[int, int]:
-        m = self.image["pixel_multiple"]
-        return -(-height // m) * m, -(-width // m) * m
+    def padded(self, height: int, width: int, profile: str | None = None) -> tuple[int, int]:
+        """The padded LR size (the x4 image the VAE sees is `upscale` times it) under a
+        sampling profile (default: the manifest's)."""
+        name = self.sampler["profile"] if profile is None else profile
+        return get_profile(name).padded_lr_size(height, width, self.image["pixel_multiple"])
 
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+    def latent_size(self, height: int, width: int, profile: str | None = None) -> tuple[int, int]:
         """Latent (h, w) for an LR image of height x width (after padding)."""
-        ph, pw = self.padded(height, width)
+        ph, pw = self.padded(height, width, profile)
         s, d = self.image["upscale"], self.image["latent_downscale"]
         return ph * s // d, pw * s // d
 
@@ -335,9 +340,9 @@ class Manifest:
             raise ShapeError(f"the engines are built for latent tile {sides} {r}, got {value}; {hint}")
         raise ShapeError(f"dimension {name} = {value} is outside {r}, the range the engines are built for")
 
-    def image_dims(self, height: int, width: int) -> dict[str, int]:
+    def image_dims(self, height: int, width: int, profile: str | None = None) -> dict[str, int]:
         """Named dimensions of the per-image graphs for an LR image (batch 1); checked."""
-        ph, pw = self.padded(height, width)
+        ph, pw = self.padded(height, width, profile)
         s, d = self.image["upscale"], self.image["latent_downscale"]
         env = {"batch": 1, "lr_height": height, "lr_width": width, "image_height": ph * s, "image_width": pw * s,
                "latent_height": ph * s // d, "latent_width": pw * s // d}

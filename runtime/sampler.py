@@ -77,6 +77,7 @@ class SamplerOptions:
     tile_overlap: int = 32
     tile_weight_variance: float = 0.01
     color_fix: str = "none"
+    profile: str = "paper"  # host maths only (deedsr.runtime.profiles); the sampling loop is the same
 
     def guided(self) -> set[int]:
         return {i if i >= 0 else self.steps + i for i in self.noise_guidance_steps}

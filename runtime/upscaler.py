@@ -27,16 +27,15 @@ from .contract import LEARNER, VAE_DECODER, VAE_ENCODER
 from .errors import InsufficientMemory, ShapeError, StepInfo
 from .imageops import (
     COLOR_FIXES,
-    bicubic_upscale,
     check_image,
     color_fix,
-    pad_to_multiple,
 )
 from .integrity import verify_backend
 from .manifest import Manifest
 from .memory import available_memory, human_bytes
-from .validate import check_decoded, check_latent, check_noise_guidance, default_overlap
+from .profiles import LATENT_STD, Profile, get_profile
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
+from .validate import check_decoded, check_latent, check_noise_guidance, default_overlap
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class Upscaler:
 
     # ------------------------------------------------------------------ options
     def options(self, steps=None, eta=None, noise_guidance_steps=None, init=None, tile=None, tile_overlap=None,
-                color_fix=None) -> SamplerOptions:
+                color_fix=None, profile=None) -> SamplerOptions:
         d = self.manifest.sampler
         if tile is not None and tile_overlap is None:  # a tile alone: an overlap that fits it
             tile_overlap = default_overlap(tile, d["tile_overlap"])
@@ -104,7 +103,9 @@ class Upscaler:
             tile_overlap=int(d["tile_overlap"] if tile_overlap is None else tile_overlap),
             tile_weight_variance=float(d.get("tile_weight_variance", 0.01)),
             color_fix=str(d["color_fix"] if color_fix is None else color_fix),
+            profile=str(d["profile"] if profile is None else profile),
         )
+        self._check_profile(opts.profile)
         if opts.init not in INITS:
             raise ValueError(f"unknown init '{opts.init}'; choose one of {', '.join(INITS)}")
         if not 0.0 <= opts.eta <= 1.0:
@@ -118,12 +119,17 @@ class Upscaler:
             raise ValueError(f"tile overlap ({opts.tile_overlap}) must be in 0..{opts.tile - 1} for tile {opts.tile}")
         return opts
 
+    def _check_profile(self, name: str) -> None:
+        if get_profile(name).samples_posterior and LATENT_STD not in self.manifest.graphs[VAE_ENCODER].output_names:
+            raise ValueError(f"the {name} profile needs the VAE encoder's {LATENT_STD} output, which "
+                             f"{self.manifest.root} lacks (exported before the profiles); re-export it")
+
     # ------------------------------------------------------------ shape + memory
-    def estimate_memory(self, height: int, width: int) -> int:
+    def estimate_memory(self, height: int, width: int, profile: str | None = None) -> int:
         """Rough peak bytes to upscale an LR image of height x width, beyond what is resident:
         the VAE decoder's largest activations at 4x size (the last upsampling's input and output
         maps plus the last block's), host copies of the x4 image, and graphs still to load."""
-        ph, pw = self.manifest.padded(height, width)
+        ph, pw = self.manifest.padded(height, width, profile)
         pixels = ph * self.scale * pw * self.scale
         channels = self.manifest.config.get("vae", {}).get("block_out_channels", [128, 256, 512, 512])
         c0, c1 = int(channels[0]), int(channels[1] if len(channels) > 1 else channels[0])
@@ -137,20 +143,20 @@ class Upscaler:
             to_load = max(total - self.backend.loaded_bytes(), 0)
         return decoder + host + to_load
 
-    def check(self, height: int, width: int, tile: int | None = None) -> int:
+    def check(self, height: int, width: int, tile: int | None = None, profile: str | None = None) -> int:
         """Refuse, before anything is allocated, an LR size the engines cannot take or the machine
         cannot hold (ShapeError, InsufficientMemory); returns the memory estimate in bytes."""
         if min(height, width) < 8:
             raise ShapeError(f"image is {width}x{height}; each side must be at least 8 pixels")
         try:
-            env = self.manifest.image_dims(height, width)
+            env = self.manifest.image_dims(height, width, profile)
             tile = int(self.manifest.sampler["tile"] if tile is None else tile)
             self.manifest.check_tile(tile)
             env.update(self.manifest.tile_dims(min(tile, env["latent_height"]), min(tile, env["latent_width"])))
             self.backend.check_shapes(env)
         except ShapeError as e:
             raise ShapeError(f"image is {width}x{height}: {e}") from None
-        need = self.estimate_memory(height, width)
+        need = self.estimate_memory(height, width, profile)
         limit = self.memory_limit if self.memory_limit is not None else available_memory()
         if limit is not None and need > limit:
             s = self.scale
@@ -163,12 +169,14 @@ class Upscaler:
     def upscale(self, image: np.ndarray, seed: int = 0, steps: int | None = None, eta: float | None = None,
                 noise_guidance_steps: Iterable[int] | None = None, init: str | None = None,
                 tile: int | None = None, tile_overlap: int | None = None, color_fix: str | None = None,
+                profile: str | None = None,
                 callback: Callable[[StepInfo], bool | None] | None = None) -> np.ndarray:
         """uint8 HxWx3 -> uint8 (4H)x(4W)x3. `callback(StepInfo)` after every step; returning
         False raises Cancelled."""
         return self.upscale_batch([image], seeds=[seed], steps=steps, eta=eta,
                                   noise_guidance_steps=noise_guidance_steps, init=init, tile=tile,
-                                  tile_overlap=tile_overlap, color_fix=color_fix, callback=callback)[0]
+                                  tile_overlap=tile_overlap, color_fix=color_fix, profile=profile,
+                                  callback=callback)[0]
 
     def upscale_batch(self, images: Sequence[np.ndarray], seeds: Sequence[int] | int = 0,
                       callback: Callable[[StepInfo], bool | None] | None = None, **overrides) -> list[np.ndarray]:
@@ -181,9 +189,10 @@ class Upscaler:
         opts = self.options(**overrides)
         for image in images:
             check_image(image)
-            self.check(image.shape[0], image.shape[1], opts.tile)
+            self.check(image.shape[0], image.shape[1], opts.tile, opts.profile)
         started = time.perf_counter()
-        prepared = [self._prepare(image, seed) for image, seed in zip(images, seeds)]
+        profile = get_profile(opts.profile)
+        prepared = [self._prepare(image, seed, profile) for image, seed in zip(images, seeds)]
         log.info("per-image graphs: %.3f s", time.perf_counter() - started)
         started = time.perf_counter()
         latents = sample(self.backend.denoise, [job for job, _ in prepared], self.schedule, opts,
@@ -195,13 +204,19 @@ class Upscaler:
         log.info("decode: %.3f s", time.perf_counter() - started)
         return out
 
-    def _prepare(self, image: np.ndarray, seed: int) -> tuple[Job, np.ndarray]:
+    def _prepare(self, image: np.ndarray, seed: int, profile: Profile) -> tuple[Job, np.ndarray]:
         m = self.manifest
         lr = image.astype(np.float32) / 255.0
         conditions = self.backend.run(LEARNER, {"lr": _nchw(lr)}, m.conditions)
-        up = _nchw(bicubic_upscale(pad_to_multiple(lr, m.image["pixel_multiple"]), self.scale))
-        z_lr = self.backend.run(VAE_ENCODER, {"image": up * 2 - 1})["latent"]
-        return Job(z_lr=z_lr, conditions=conditions, rng=np.random.Generator(np.random.PCG64(seed))), up
+        up = _nchw(profile.upscale(lr, self.scale, m.image["pixel_multiple"]))
+        rng = np.random.Generator(np.random.PCG64(seed))
+        z_lr = self._encode_lr(up, profile, rng)
+        return Job(z_lr=z_lr, conditions=conditions, rng=rng), up
+
+    def _encode_lr(self, up: np.ndarray, profile: Profile, rng: np.random.Generator) -> np.ndarray:
+        """z_lr as the profile makes it; under reference-code this is the generator's first draw."""
+        encoded = self.backend.run(VAE_ENCODER, {"image": profile.encoder_input(up)}, profile.encoder_outputs())
+        return profile.lr_latent(encoded, rng)
 
     def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions) -> np.ndarray:
         check_latent(latent)
@@ -211,7 +226,7 @@ class Upscaler:
         sr = np.clip(color_fix(sr, up, opts.color_fix), 0, 1)
         h, w = size
         sr = sr[0].transpose(1, 2, 0)[: h * self.scale, : w * self.scale]
-        return np.round(sr * 255.0).astype(np.uint8)
+        return get_profile(opts.profile).to_uint8(sr)
 
     def close(self) -> None:
         self.backend.close()

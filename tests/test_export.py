@@ -111,6 +111,11 @@ def test_manifest_describes_every_graph(tiny_engine_dir, manifest):
     assert len(manifest["scheduler"]["alphas_cumprod"]) == 1000
     assert manifest["dims"]["tile_height"] == {"min": 8, "opt": 16, "max": 16}
     assert manifest["dims"]["lr_width"] == {"min": 16, "opt": 32, "max": 128}
+    # an LR side of 128 pads to 144 under reference-code when the other side needs padding
+    assert manifest["dims"]["image_width"] == {"min": 64, "opt": 128, "max": 576}
+    assert manifest["dims"]["latent_width"] == {"min": 8, "opt": 16, "max": 72}
+    assert manifest["sampler"]["profile"] == "paper"
+    assert [o["name"] for o in manifest["graphs"]["vae_encoder"]["outputs"]] == ["latent", "latent_std"]
     assert set(manifest["graphs"]) == set(GRAPHS)
     for name, graph in manifest["graphs"].items():
         for precision, entry in graph["precisions"].items():

@@ -24,7 +24,7 @@ from deedsr.importers import (
     import_reference_checkpoint,
     init_from_sd_base,
 )
-from deedsr.models import DeeDSR
+from deedsr.models import DeeDSR, load_checkpoint
 from deedsr.models.unet import _resnets_in_order
 
 
@@ -488,6 +488,10 @@ def test_reference_checkpoint_roundtrip(ref_case, tmp_path, fmt):
     assert eps.shape == z.shape and torch.isfinite(eps).all()
     # a DeeDSR checkpoint can be written from it (no tensor shares storage with another)
     model.save_pretrained(tmp_path / "converted")
+    # imported public weights sample as the public code does at test time, and say so in the
+    # checkpoint they are written to; the caller's config is left as it was
+    assert model.config.sampler.profile == "reference-code" and cfg.sampler.profile == "paper"
+    assert load_checkpoint(tmp_path / "converted").config.sampler.profile == "reference-code"
 
 
 def _legacy_attention_block(x, norm_w, norm_b, qkv_w, qkv_b, proj_w, proj_b, heads, groups):

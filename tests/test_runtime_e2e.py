@@ -56,6 +56,12 @@ def reference(tiny_model, photo):
     return DeeDSRPipeline(tiny_model)(photo, seed=3, steps=STEPS, tile=TILE, tile_overlap=TILE // 2)
 
 
+@pytest.fixture(scope="module")
+def reference_code(tiny_model, photo):
+    return DeeDSRPipeline(tiny_model)(photo, seed=3, steps=STEPS, tile=TILE, tile_overlap=TILE // 2,
+                                      profile="reference-code")
+
+
 def count_graph_calls(upscaler):
     calls = Counter()
     backend = upscaler.backend
@@ -107,6 +113,52 @@ def test_fp16_graphs_against_the_fp32_reference(engines, reference, photo):
     print(f"\nfp16 graphs (ORT CPU) vs fp32 reference: PSNR {value:.2f} dB, "
           f"max abs diff {np.abs(got.astype(int) - reference.astype(int)).max()}")
     assert value >= 35
+
+
+def test_reference_code_profile_parity(runtime_fp32, engines, reference_code, reference, photo, tmp_path):
+    # 48x40 LR -> torch bicubic 192x160 -> padded 256x192 (192 is a multiple of 64, yet gains 64)
+    # -> 32x24 latent, encoded from [0, 1], a posterior sample drawn first, truncated to uint8
+    got = runtime_fp32.upscale(photo, seed=3, steps=STEPS, profile="reference-code")
+    diff = np.abs(got.astype(int) - reference_code.astype(int))
+    print(f"\nreference-code, fp32 graphs vs reference: max abs pixel diff {diff.max()}, "
+          f"{np.count_nonzero(diff)} of {diff.size} values differ")
+    assert got.shape == reference_code.shape == (160, 192, 3) and diff.max() <= 1
+
+    fp16 = Upscaler.from_engine_dir(engines, backend="ort", precision="fp16")
+    value = psnr(fp16.upscale(photo, seed=3, steps=STEPS, profile="reference-code"), reference_code)
+    print(f"reference-code, fp16 graphs (ORT CPU) vs fp32 reference: PSNR {value:.2f} dB")
+    assert value >= 35
+
+    between = psnr(reference_code, reference)
+    print(f"reference-code vs paper (reference, same seed): PSNR {between:.2f} dB")
+    assert between < 35  # the profile really changes the result
+
+    src = _save(photo, tmp_path / "in")
+    result = CliRunner().invoke(main, ["upscale", str(src), "-o", str(tmp_path / "out"), "--engines", str(engines),
+                                       "--precision", "fp32", "--steps", str(STEPS), "--seed", "3",
+                                       "--profile", "reference-code"])
+    assert result.exit_code == 0, result.output
+    cli = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
+    assert np.abs(cli.astype(int) - reference_code.astype(int)).max() <= 1
+
+
+def test_engine_directories_from_before_the_profiles(engines, tmp_path, photo):
+    old = _copy(engines, tmp_path / "old")
+    data = json.loads((old / "manifest.json").read_text())
+    del data["sampler"]["profile"]
+    encoder = data["graphs"]["vae_encoder"]
+    encoder["outputs"] = [o for o in encoder["outputs"] if o["name"] == "latent"]
+    (old / "manifest.json").write_text(json.dumps(data))
+    upscaler = Upscaler.from_engine_dir(old, precision="fp32")
+    assert upscaler.manifest.sampler["profile"] == "paper"
+    assert upscaler.upscale(photo, steps=1).shape == (160, 192, 3)
+    with pytest.raises(ValueError, match=r"the reference-code profile needs the VAE encoder's latent_std output, "
+                                         r"which .*/old lacks \(exported before the profiles\); re-export it"):
+        upscaler.upscale(photo, steps=1, profile="reference-code")
+    data["sampler"]["profile"] = "ldm"
+    (old / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="unknown sampling profile 'ldm'; choose one of paper, reference-code"):
+        Upscaler.from_engine_dir(old)
 
 
 def test_noise_guided_steps_do_not_call_the_unet(engines, photo):
@@ -259,6 +311,7 @@ def test_cli_bad_input_one_line_each_rest_done(engines, photo, tmp_path):
     (["--engines", "ENGINES", "--preset", "tiny", "--backend", "ort"], "--checkpoint/--preset choose the torch"),
     (["--engines", "ENGINES", "--tile", "32"], "latent tiles up to 16"),
     (["--engines", "ENGINES", "--tile-overlap", "16"], "tile overlap (16) must be in 0..15"),
+    (["--engines", "ENGINES", "--profile", "ldm"], "'ldm' is not one of 'paper', 'reference-code'"),
 ])
 def test_cli_usage_errors_are_one_line(engines, photo, tmp_path, args, message):
     src = _save(photo, tmp_path / "in")

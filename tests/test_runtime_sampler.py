@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from deedsr.runtime import imageops, sampler
+from deedsr.runtime import imageops, profiles, sampler
 from deedsr.runtime.backends import Backend
 from deedsr.runtime.errors import Cancelled
 from deedsr.runtime.manifest import Manifest
@@ -109,8 +109,7 @@ def test_ddim_step_equals_diffusers(steps, eta, index):
 def test_reference_uses_the_runtime_host_maths():
     # one implementation of tiles, padding, bicubic and step errors for both: they cannot drift
     assert ref_pipeline.tiles is sampler.tiles and ref_pipeline.gaussian_weights is sampler.gaussian_weights
-    assert ref_pipeline.bicubic_upscale is imageops.bicubic_upscale
-    assert ref_pipeline.pad_to_multiple is imageops.pad_to_multiple
+    assert ref_pipeline.get_profile is profiles.get_profile  # bicubic, padding, LR latent, uint8
     assert ref_pipeline.Cancelled is Cancelled
 
 

@@ -379,6 +379,39 @@ def test_stage2_starts_from_an_sd_folder_and_keeps_the_frozen_part_frozen(compon
     assert any(k.startswith("adapter.") for k in changed)
 
 
+def test_stage2_trains_under_its_profile_and_writes_it_into_the_checkpoint(components, photo_dir, tmp_path):
+    from deedsr.runtime.profiles import torch_bicubic_upscale
+
+    from deedsr.models import load_checkpoint
+    from deedsr.train.stage2 import Stage2
+
+    with pytest.raises(ConfigError, match=r"^test.profile: must be one of paper, reference-code \(or empty: the "
+                                          r"model's\), got 'ldm'$"):
+        stage2_cfg(photo_dir, tmp_path / "bad", components, profile="ldm")
+    cfg = stage2_cfg(photo_dir, tmp_path / "s2", components, profile="reference-code")
+    stage = Stage2(cfg, tdist.DistInfo())
+    stage.build()
+    ds = stage.dataset(list_images(cfg.data, cfg.data.gt_size))
+    sample = ds[(0, 1)]
+    lr = sample["lr"].transpose(1, 2, 0)
+    np.testing.assert_array_equal(sample["lr_up"], torch_bicubic_upscale(lr, 4).transpose(2, 0, 1))
+    lr_up = torch.from_numpy(sample["lr_up"])[None]
+    with torch.no_grad():
+        got = stage.lr_latent(lr_up, torch.Generator().manual_seed(7))
+        posterior = stage.model.vae.encode(lr_up).latent_dist  # from [0, 1], sampled
+        want = posterior.sample(generator=torch.Generator().manual_seed(7)) * stage.model.scaling_factor
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, posterior.mean * stage.model.scaling_factor)
+    written = stage.finalize(tmp_path / "s2")
+    assert load_checkpoint(written).config.sampler.profile == "reference-code"
+    # fine-tuning from it keeps its profile unless the config names another
+    init = {"vae": "", "learner": "", "init": str(written)}
+    assert Stage2(stage2_cfg(photo_dir, tmp_path / "a", components, **init), tdist.DistInfo()).profile.name == \
+        "reference-code"
+    paper = Stage2(stage2_cfg(photo_dir, tmp_path / "b", components, profile="paper", **init), tdist.DistInfo())
+    assert paper.profile.name == "paper" and paper.model_config.sampler.profile == "paper"
+
+
 def test_gradient_checkpointing_changes_nothing(tiny_model):
     from deedsr.train.stage2 import Denoiser
 

@@ -1,6 +1,8 @@
 """Checkpoints saved by the public reference implementation (ControlNet/ldm layout)."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable
@@ -11,6 +13,7 @@ from ..checkpoints import CheckpointError
 from ..config import AdapterConfig, DeeDSRConfig, preset
 from ..models.model import DeeDSR
 from ..models.unet import _resnets_in_order
+from ..runtime.profiles import REFERENCE_CODE
 from .common import (
     REF_ADAPTER,
     REF_IGNORED_UNDER_PREFIXES,
@@ -251,9 +254,13 @@ def import_reference_checkpoint(path: str | Path, config: DeeDSRConfig | None = 
     with `config.adapter.num_heads` heads (4 in the reference config).
     Raises CheckpointError, naming the keys, when a weight cannot be placed, does not fit
     the config's shape, or when any tensor of the model is left unfilled.
+    The model's sampler profile is `reference-code`: the weights were trained and evaluated
+    under the public code's test-time host maths (deedsr.runtime.profiles).
     """
     path = Path(path)
     config = config if config is not None else preset("sd21-base")
+    config = copy.copy(config)  # the caller's stays as it was; not replace(): no re-validation here
+    config.sampler = dataclasses.replace(config.sampler, profile=REFERENCE_CODE)
     state = _read_reference_state(path)
 
     unet_state, vae_state, adapter_state = {}, {}, {}

@@ -45,6 +45,12 @@ class DeeDSR(nn.Module):
         """Image in [-1, 1] -> scaled latent mean (deterministic)."""
         return self.vae.encode(image).latent_dist.mean * self.scaling_factor
 
+    def encode_posterior(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image -> the scaled posterior's mean and standard deviation (logvar clamped to
+        [-30, 20], as diffusers and ldm): a sample is `mean + std * noise`."""
+        posterior = self.vae.encode(image).latent_dist
+        return posterior.mean * self.scaling_factor, posterior.std * self.scaling_factor
+
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> image in [-1, 1] (not clamped)."""
         return self.vae.decode(latent / self.scaling_factor).sample

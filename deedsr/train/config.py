@@ -126,6 +126,10 @@ class Stage2Config(_RunConfig):
     val_level: str = "medium"
     val_steps: int = 50
     val_size: int = 256  # HR centre crop side used for validation samples
+    # Sampling profile trained under and written into the checkpoint (paper | reference-code;
+    # deedsr.runtime.profiles): bicubic kind and the LR latent's input range and posterior draw.
+    # "" = the model's own (a preset: paper; an imported public checkpoint: reference-code).
+    profile: str = ""
 
 
 @dataclass
@@ -308,6 +312,11 @@ def _validate(cfg, where: str) -> None:
 
         if cfg.val_level not in LEVELS:
             raise ConfigError(f"{where}.val_level: '{cfg.val_level}' is not one of {', '.join(LEVELS)}")
+        from ..runtime.profiles import PROFILES
+
+        if cfg.profile and cfg.profile not in PROFILES:
+            raise ConfigError(f"{where}.profile: must be one of {', '.join(PROFILES)} (or empty: the model's), "
+                              f"got '{cfg.profile}'")
     if isinstance(cfg, VaeConfig):
         _positive(cfg, where, "l1_weight", "l2_weight", "kl_weight", "scaling_factor", allow_zero=True)
         _positive(cfg, where, "scaling_samples")

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..degradations import DegradationConfig, degrade
 from ..runtime.imageops import bicubic_upscale
+from ..runtime.profiles import get_profile
 from .config import DataConfig, degradation_config
 
 __all__ = ["DataError", "DegradedImages", "StepBatchSampler", "list_images", "load_rgb"]
@@ -93,6 +94,8 @@ class DegradedImages:
     """Map-style dataset over keys (epoch, index), index in [0, len(files) * repeat).
 
     mode "pair": {"hr": 3xSxS, "lr": 3x(S/4)x(S/4), "lr_up": bicubic x4 of lr}, floats in [0, 1]
+                 (the bicubic of sampling profile `profile`: Pillow's for paper, torch's for
+                 reference-code)
     mode "moco": {"q", "k"}: two different patch_size cells of one degraded LR image
     mode "hr":   {"hr"}: the crop (or, with `degraded_fraction`, sometimes a bicubic-upsampled
                  degraded version of it) for autoencoder training
@@ -108,6 +111,7 @@ class DegradedImages:
         scale: int = 4,
         patch_size: int = 0,
         degraded_fraction: float = 0.0,
+        profile: str = "paper",
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -131,6 +135,7 @@ class DegradedImages:
                     f"{2 * patch_size * scale} or lower patch_size"
                 )
         self.degraded_fraction = degraded_fraction
+        self.profile = get_profile(profile)
         self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -167,7 +172,9 @@ class DegradedImages:
             return {"hr": _chw(hr)}
         lr = degrade(hr, rng, self.degradation)
         if self.mode == "pair":
-            return {"hr": _chw(hr), "lr": _chw(lr), "lr_up": _chw(bicubic_upscale(lr, self.scale))}
+            # the crop side as the multiple: neither profile pads a training crop
+            up = self.profile.upscale(lr, self.scale, self.lr_size)
+            return {"hr": _chw(hr), "lr": _chw(lr), "lr_up": _chw(up)}
         p = self.patch_size
         per_row = self.lr_size // p
         a, b = rng.choice(per_row * per_row, size=2, replace=False)

@@ -3,8 +3,10 @@
     L = E || eps - eps_theta(z_t, t, H_DA(z_lr, d_lr)) ||^2
 
 z_0 is the scaled VAE latent of the HR crop, z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
-with t uniform in [0, 1000), z_lr the scaled VAE latent (mean) of the bicubic x4 LR (as
-the sampler computes it), d_lr = learner(LR). Trainable, exactly: the adapter, the
+with t uniform in [0, 1000), z_lr the scaled VAE latent of the bicubic x4 LR made as the
+sampler makes it under the config's profile (`paper`: Pillow bicubic, encoded from [-1, 1],
+posterior mean; `reference-code`: torch's bicubic, encoded from [0, 1], a posterior sample),
+d_lr = learner(LR). The profile is written into the checkpoint, so test samples as trained. Trainable, exactly: the adapter, the
 modulation layers and the UNet's cross-attention (attn2) layers. The learner, the VAE and the
 rest of the UNet are frozen SD 2.1-base (`train_backbone = true` also trains the UNet
 backbone, for models such as the tiny preset that have no SD weights to start from).
@@ -29,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..checkpoints import save_checkpoint
 from ..models import DeeDSR
+from ..runtime.profiles import get_profile
 from ..schedule import alphas_cumprod
 from . import dist as tdist
 from .artifacts import load_component, resolve_model_config
@@ -89,6 +92,10 @@ class Stage2(Stage):
             # A trained VAE brings its own settings (its measured scaling factor).
             vae_config = resolve_model_config(cfg.vae, "stage2.vae")
             self.model_config = dataclasses.replace(self.model_config, vae=dict(vae_config.vae))
+        if cfg.profile:
+            self.model_config = dataclasses.replace(
+                self.model_config, sampler=dataclasses.replace(self.model_config.sampler, profile=cfg.profile))
+        self.profile = get_profile(self.model_config.sampler.profile)
 
     def check(self) -> None:
         cfg = self.cfg
@@ -117,7 +124,8 @@ class Stage2(Stage):
             raise ConfigError(f"stage2.data.gt_size ({cfg.data.gt_size}) must be a multiple of {multiple} for this model")
 
     def dataset(self, files) -> DegradedImages:
-        return DegradedImages(files, self.cfg.data, self.cfg.seed, "pair", scale=self.model_config.upscale)
+        return DegradedImages(files, self.cfg.data, self.cfg.seed, "pair", scale=self.model_config.upscale,
+                              profile=self.profile.name)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.cfg.max_steps or 65840
@@ -174,7 +182,7 @@ class Stage2(Stage):
             posterior = model.vae.encode(batch["hr"] * 2 - 1).latent_dist
             z0 = posterior.sample(generator=generator) if cfg.sample_posterior else posterior.mean
             z0 = z0.float() * sf
-            z_lr = model.vae.encode(batch["lr_up"] * 2 - 1).latent_dist.mean.float() * sf
+            z_lr = self.lr_latent(batch["lr_up"], generator)
             d = model.learner(batch["lr"]).float()
         b = z0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=generator.device).to(self.device)
@@ -184,6 +192,12 @@ class Stage2(Stage):
         with autocast(self.device, cfg.mixed_precision):
             eps = self.denoiser(x_t, t.float(), z_lr, d)
         return F.mse_loss(eps.float(), noise)
+
+    def lr_latent(self, lr_up: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """z_lr of the bicubic x4 LR in [0, 1] as the sampler makes it under the training profile."""
+        posterior = self.model.vae.encode(self.profile.encoder_input(lr_up)).latent_dist
+        z = posterior.sample(generator=generator) if self.profile.samples_posterior else posterior.mean
+        return z.float() * self.model.scaling_factor
 
     def generator(self, step: int, micro: int) -> torch.Generator:
         seed = derive_seed(self.cfg.seed, 2, step, self.info.rank, micro)
