@@ -1,4 +1,5 @@
-"""`deedsr` command line: upscale images with a chosen backend, build and run the demo, train.
+"""`deedsr` command line: upscale images with a chosen backend, build and run the demo, serve
+the engines on Triton and upscale through such a server, train.
 
 It sits above the four stages and imports downward. The runtime backends (ort, trt) read an
 engine directory and never import torch; the torch backend (the PyTorch reference, for
@@ -154,24 +155,39 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
 def _upscale_all(upscaler, paths, outdir: Path, options: dict, seed: int, overwrite: bool) -> int:
     from tqdm import tqdm
 
+    steps = options.get("steps") or upscaler.default_steps
+
+    def upscale_one(path: Path, image):
+        with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
+            return upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
+
+    def check(width: int, height: int) -> None:  # shape ranges and memory, before decoding
+        upscaler.check(height, width, options.get("tile"))
+
+    return _for_each_image(paths, outdir, overwrite, upscale_one, check)
+
+
+def _for_each_image(paths, outdir: Path, overwrite: bool, upscale_one, check=None, fatal=()) -> int:
+    """Read each input, `upscale_one(path, image)`, write OUTDIR/<stem>.png atomically. A bad
+    image is one line on stderr and the rest go on; returns how many failed. `check(width,
+    height)` refuses an image from its header, before decoding; `fatal` errors stop the batch."""
+    from tqdm import tqdm
+
     from .runtime.errors import BackendError, EngineError
 
     failures = 0
-    steps = options.get("steps") or upscaler.default_steps
     for path in tqdm(paths, desc="images", unit="img", disable=len(paths) < 2, file=sys.stderr):
         target = outdir / f"{path.stem}.png"
         try:
             if target.exists() and not overwrite:
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
             size = image_size(path)
-            if size is not None:  # shape ranges and memory, before decoding (read_image says why not)
-                upscaler.check(size[1], size[0], options.get("tile"))
+            if size is not None and check is not None:  # read_image says why when size is None
+                check(*size)
             image = read_image(path)
-            with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
-                result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
-            write_png(result, target)
+            write_png(upscale_one(path, image), target)
             tqdm.write(str(target))
-        except EngineError as e:
+        except (EngineError, *fatal) as e:
             raise UsageError(str(e)) from None
         except (ImageError, ValueError, MemoryError, BackendError) as e:
             tqdm.write(f"error: {path}: {e}", file=sys.stderr)
@@ -212,6 +228,91 @@ def demo(outdir, backend, threads, steps, seed):
               outdir / "astronaut_compare.png")
     click.echo(str(outdir / "astronaut_x4.png"))
     click.echo(str(outdir / "astronaut_compare.png"))
+
+
+SERVE_HINT = "pip install 'deedsr[serve]'"
+
+
+@main.command()
+@click.option("--engines", type=click.Path(), help="Engine directory written by deedsr-export (default: the demo's).")
+@click.option("--backend", type=click.Choice(BACKENDS[:3]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Graph precision (auto: fp16 on a GPU, fp32 on the CPU).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Compute threads per instance (default: one per core).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP, gRPC and metrics listeners bind (0.0.0.0: every interface).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Most same-size requests Triton batches into one call.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Model instances (one Upscaler each), run concurrently.")
+@click.option("--queue-delay-us", type=click.IntRange(0, 10_000_000), default=0, show_default=True,
+              help="How long Triton holds a request waiting for others to batch with (every lone request pays it).")
+def serve(engines, backend, precision, threads, host, http_port, grpc_port, metrics_port, max_batch, instances,
+          queue_delay_us):
+    """Serve the engines on Triton Inference Server (model 'deedsr'; KServe v2 HTTP/gRPC,
+    Prometheus metrics) until SIGTERM or Ctrl-C, which finish the requests in flight."""
+    from .runtime.serve import ServeConfig, Server
+
+    try:
+        import pytriton.triton  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"deedsr serve needs PyTriton: {SERVE_HINT} ({e})") from None
+    ports = (http_port, grpc_port, metrics_port)
+    if len(set(ports)) != len(ports):
+        raise UsageError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    upscalers = [open_runtime(backend, engines, precision, threads) for _ in range(instances)]
+    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                         max_batch=max_batch, queue_delay_us=queue_delay_us)
+    server = Server(upscalers, config)
+    try:
+        server.start()
+    except Exception as e:  # a busy port, a server that never got ready: one line, not PyTriton's traceback
+        raise click.ClickException(f"Triton did not start: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    click.echo(f"serving model 'deedsr' ({upscalers[0].describe()}; {instances} instance(s), max batch {max_batch}) "
+               f"on {server.url}, grpc port {grpc_port}, metrics http://{host}:{metrics_port}/metrics; "
+               "SIGTERM or Ctrl-C stops", err=True)
+    server.wait_for_signal()
+    click.echo("stopped", err=True)
+
+
+@main.command()
+@click.argument("url")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the server's engines', 50).")
+@click.option("--timeout", type=click.FloatRange(1, None), default=600, show_default=True,
+              help="Seconds one image may take on the server, queueing included.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def remote(url, inputs, outdir, seed, steps, timeout, overwrite):
+    """Upscale INPUTS (files, folders or globs) x4 on a `deedsr serve` server at URL
+    (http://HOST:8000 or grpc://HOST:8001) into OUTDIR as PNG."""
+    from .runtime.remote import RemoteUpscaler, Unreachable
+
+    try:
+        import pytriton.client  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"deedsr remote needs the Triton client: {SERVE_HINT} ({e})") from None
+    paths, unmatched = expand_inputs(list(inputs))
+    failures = 0
+    for pattern in unmatched:
+        click.echo(f"error: {pattern}: no file matches", err=True)
+        failures += 1
+    if not paths:
+        raise UsageError("no input images")
+    try:
+        client = RemoteUpscaler(url, timeout_s=timeout)
+    except Unreachable as e:
+        raise UsageError(str(e)) from None
+    with client:
+        failures += _for_each_image(paths, Path(outdir), overwrite,
+                                    lambda path, image: client.upscale(image, seed=seed, steps=steps),
+                                    fatal=(Unreachable,))
+    if failures:
+        sys.exit(1)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
