@@ -286,8 +286,10 @@ def serve(engines, backend, precision, threads, host, http_port, grpc_port, metr
 @click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the server's engines', 50).")
 @click.option("--timeout", type=click.FloatRange(1, None), default=600, show_default=True,
               help="Seconds one image may take on the server, queueing included.")
+@click.option("--connect-timeout", type=click.FloatRange(0.1, None), default=30, show_default=True,
+              help="Seconds to wait for the server and its model to be ready.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def remote(url, inputs, outdir, seed, steps, timeout, overwrite):
+def remote(url, inputs, outdir, seed, steps, timeout, connect_timeout, overwrite):
     """Upscale INPUTS (files, folders or globs) x4 on a `deedsr serve` server at URL
     (http://HOST:8000 or grpc://HOST:8001) into OUTDIR as PNG."""
     from .runtime.remote import RemoteUpscaler, Unreachable
@@ -304,7 +306,7 @@ def remote(url, inputs, outdir, seed, steps, timeout, overwrite):
     if not paths:
         raise UsageError("no input images")
     try:
-        client = RemoteUpscaler(url, timeout_s=timeout)
+        client = RemoteUpscaler(url, timeout_s=timeout, init_timeout_s=connect_timeout)
     except Unreachable as e:
         raise UsageError(str(e)) from None
     with client:

@@ -11,6 +11,7 @@ server answers.
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 
@@ -28,15 +29,21 @@ class Unreachable(ConnectionError):
 class RemoteUpscaler:
     def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 600.0, init_timeout_s: float = 30.0):
         """url: http://host:port or grpc://host:port (a bare host:port means http).
-        timeout_s: how long one request may take, queueing included."""
+        timeout_s: how long one request may take, queueing included; init_timeout_s: how long to
+        wait for the server and the model to be ready."""
         from pytriton.client import ModelClient
-        from pytriton.client.exceptions import PyTritonClientError
+        from pytriton.client.exceptions import PyTritonClientError, PyTritonClientTimeoutError
+        from pytriton.client.warnings import NotSupportedTimeoutWarning
 
         self.url = url
         self._client_errors = PyTritonClientError
+        # PyTriton warns whenever the request timeout exceeds the time to wait for the model
+        warnings.filterwarnings("ignore", category=NotSupportedTimeoutWarning)
         try:
             self._client = ModelClient(url, model, init_timeout_s=init_timeout_s, inference_timeout_s=timeout_s,
                                        lazy_init=False)
+        except PyTritonClientTimeoutError:
+            raise Unreachable(f"no model '{model}' is ready at {url} (waited {init_timeout_s:g} s)") from None
         except PyTritonClientError as e:
             raise Unreachable(f"no model '{model}' answers at {url}: {_reason(str(e))}") from None
 
@@ -76,6 +83,11 @@ def _reason(message: str) -> str:
     found = re.findall(rf"{REJECTED}: ([^\n]*)", message)
     if found:
         return found[-1].strip()
+    if "Traceback" in message:  # the model failed unexpectedly: the exception's own line
+        raised = re.findall(r"^\s*([\w.]*(?:Error|Exception)): ([^\n]*)$", message, re.M)
+        if raised:
+            kind, text = raised[-1]
+            return f"server error: {kind.rsplit('.', 1)[-1]}: {text.strip()}"
     message = message.split("Message: ", 1)[-1]
     message = re.sub(r"^\[request id: [^\]]*\]\s*", "", message.strip())
     lines = [line for line in message.splitlines() if line.strip()]

@@ -13,7 +13,7 @@ call per image (tests/test_serve.py checks it).
 Errors: PyTriton answers a batch either with one error for all its requests or with one response
 per request; it cannot fail one request of a batch alone. So a batch whose requests are all bad
 raises (each client gets an error response with the reason), and in a batch that mixes good and
-bad requests the bad ones get an empty image and their reason in `error` (`deedsr remote` and
+bad requests the bad ones get a 1x1 placeholder image and their reason in `error` (`deedsr remote` and
 `RemoteUpscaler` raise it). Malformed tensors (dtype, rank, a missing seed) never reach this
 code: Triton refuses them against the model's declared inputs.
 
@@ -127,7 +127,8 @@ def _one_line(error: BaseException) -> str:
 
 def _response(result: np.ndarray | str) -> dict:
     if isinstance(result, str):
-        return {"image": np.zeros((1, 0, 0, 3), np.uint8), "error": np.array([[result.encode()]], dtype=object)}
+        # a 1x1 placeholder: PyTriton cannot send a tensor with a zero-length dimension
+        return {"image": np.zeros((1, 1, 1, 3), np.uint8), "error": np.array([[result.encode()]], dtype=object)}
     return {"image": result[None], "error": np.array([[b""]], dtype=object)}
 
 

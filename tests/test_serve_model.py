@@ -64,7 +64,7 @@ def test_bad_requests_in_a_batch_get_their_own_error_and_the_rest_their_image(up
     assert errors[4] == "seed is missing"
     assert errors[5].startswith("image is 200x8:")
     for r in responses[1:]:
-        assert r["image"].shape == (1, 0, 0, 3)
+        assert r["image"].shape == (1, 1, 1, 3)
         assert "\n" not in r["error"][0, 0].decode()
 
 
@@ -86,6 +86,11 @@ def test_the_client_finds_the_reason_in_pytriton_error_text():
     triton = ("Error occurred during inference request. Message: [request id: 3] inference input 'image' "
               "data-type is 'FP32', but model 'deedsr' expects 'UINT8'")
     assert _reason(triton) == "inference input 'image' data-type is 'FP32', but model 'deedsr' expects 'UINT8'"
+    crash = ("Message: Failed to process the request(s) for model 'deedsr_0_0', message: TritonModelException: "
+             "Model execute error: Traceback (most recent call last):\n  File \"data.py\", line 707, in _copy\n"
+             "    shm.buf[0:1] = frame.cast(\"B\")\nTypeError: memoryview: cannot cast view with zeros in shape\n\n"
+             "At:\n  /tmp/folderX/1/model.py(501): execute\n")
+    assert _reason(crash) == "server error: TypeError: memoryview: cannot cast view with zeros in shape"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pytriton") is not None, reason="PyTriton is installed here")

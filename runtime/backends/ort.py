@@ -60,8 +60,8 @@ _pool: int | bool | None = None  # threads of the process-wide pool (0: default)
 
 
 def _global_thread_pool(ort, threads: int | None) -> bool:
-    """One intra-op thread pool for all sessions of the process (when the first backend asks for
-    it; later backends share it if they want the same thread count).
+    """One intra-op thread pool for all sessions of the process, sized by the first backend that
+    opens a session; later backends share it whatever thread count they ask for.
 
     Per-session pools each spin for a while after a call, so the adapter's pool and the UNet's
     compete for the same cores: on the tiny preset (2 cores) a 10-step image took 2.5 s with
@@ -77,9 +77,11 @@ def _global_thread_pool(ort, threads: int | None) -> bool:
                 log.info("process-wide thread pool not available (%s); one pool per session", e)
                 _pool = False
         if _pool is not False and _pool != wanted:
-            log.info("process-wide thread pool has %s threads, %s asked for: one pool per session",
-                     _pool or "default", wanted or "default")
-        return _pool is not False and _pool == wanted
+            # Once the process-wide pool exists onnxruntime refuses sessions with their own pools
+            # ("use_per_session_threads must be false when using a global thread pool").
+            log.warning("process-wide thread pool has %s threads, %s asked for: using the pool",
+                        _pool or "default", wanted or "default")
+        return _pool is not False
 
 
 class OrtBackend(Backend):
