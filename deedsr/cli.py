@@ -250,8 +250,10 @@ SERVE_HINT = "pip install 'deedsr[serve]'"
               help="Model instances (one Upscaler each), run concurrently.")
 @click.option("--queue-delay-us", type=click.IntRange(0, 10_000_000), default=0, show_default=True,
               help="How long Triton holds a request waiting for others to batch with (every lone request pays it).")
+@click.option("--drain-timeout", type=click.IntRange(0, 28), default=25, show_default=True,
+              help="Seconds SIGTERM waits for open connections to close and requests in flight to finish.")
 def serve(engines, backend, precision, threads, host, http_port, grpc_port, metrics_port, max_batch, instances,
-          queue_delay_us):
+          queue_delay_us, drain_timeout):
     """Serve the engines on Triton Inference Server (model 'deedsr'; KServe v2 HTTP/gRPC,
     Prometheus metrics) until SIGTERM or Ctrl-C, which finish the requests in flight."""
     from .runtime.serve import ServeConfig, Server
@@ -265,7 +267,7 @@ def serve(engines, backend, precision, threads, host, http_port, grpc_port, metr
         raise UsageError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
     upscalers = [open_runtime(backend, engines, precision, threads) for _ in range(instances)]
     config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                         max_batch=max_batch, queue_delay_us=queue_delay_us)
+                         max_batch=max_batch, queue_delay_us=queue_delay_us, exit_timeout_s=drain_timeout)
     server = Server(upscalers, config)
     try:
         server.start()

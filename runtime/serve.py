@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sysconfig
 import tempfile
 import threading
@@ -141,7 +142,9 @@ class ServeConfig:
     metrics_port: int = 8002
     max_batch: int = 4
     queue_delay_us: int = 0  # every lone request waits this long for company
-    exit_timeout_s: int = 25  # in-flight requests get this long after SIGTERM (PyTriton waits 30 s)
+    # After SIGTERM Triton waits this long in all, first for clients' open HTTP connections (idle
+    # keep-alive ones included), then for requests in flight; PyTriton kills it after 30 s.
+    exit_timeout_s: int = 25
     startup_timeout_s: float = 120.0
 
 
@@ -168,6 +171,9 @@ class Server:
         return f"http://{_client_host(self.config.host)}:{self.config.http_port}"
 
     def start(self) -> "Server":
+        c = self.config
+        for port in (c.http_port, c.grpc_port, c.metrics_port):  # Triton would exit, PyTriton wait 60 s
+            _check_port(c.host, port)
         # PyTriton's workspace (a copy of the server binary, the model store, sockets) goes into a
         # folder of ours, removed on stop. (Triton's python backend copies the model files to
         # /tmp/folderXXXXXX whatever $TMPDIR says.)
@@ -253,6 +259,16 @@ def _server_environment(home: Path):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _client_host(host: str) -> str:

@@ -109,6 +109,8 @@ def raw_infer(server, **tensors):
 
 
 def test_eight_concurrent_clients_of_mixed_sizes_get_the_local_bytes(server, local, images):
+    """Every request's result is the local API's for its image, seed and steps, however the
+    requests were queued and batched."""
     exec_before, count_before = metric(server, "nv_inference_exec_count") or 0, metric(server, "nv_inference_count") or 0
     expected = {(size, seed): local.upscale(image, seed=seed, steps=STEPS)
                 for size, image in images.items() for seed in range(4)}
@@ -132,10 +134,10 @@ def test_eight_concurrent_clients_of_mixed_sizes_get_the_local_bytes(server, loc
     for size, seed, image in results.values():
         assert image.shape == (size[0] * 4, size[1] * 4, 3) and image.dtype == np.uint8
         assert np.array_equal(image, expected[(size, seed)]), (size, seed)
-    executions = metric(server, "nv_inference_exec_count") - exec_before
-    inferences = metric(server, "nv_inference_count") - count_before
-    assert inferences == 24
-    assert executions < inferences  # Triton batched some same-size requests into one call
+    assert metric(server, "nv_inference_count") - count_before == 24
+    # How many were batched depends on arrival order: Triton closes a batch at the first queued
+    # request of another shape. The next test sends one shape together and checks it is batched.
+    assert metric(server, "nv_inference_exec_count") - exec_before <= 24
 
 
 def test_malformed_requests_are_refused_and_the_server_keeps_serving(server, local, images):
@@ -163,8 +165,10 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(server, local, images)
     image = images[SIZES[1]]
     outcome = {}
 
+    clients = {name: RemoteUpscaler(server.url) for name in ("good", "bad", "good2")}  # connected first
+
     def send(name, **kwargs):
-        with RemoteUpscaler(server.url) as remote:
+        with clients[name] as remote:
             try:
                 outcome[name] = remote.upscale(image, **kwargs)
             except RemoteError as e:
@@ -181,7 +185,7 @@ def test_a_bad_request_batched_with_good_ones_fails_alone(server, local, images)
     assert outcome["bad"].startswith("steps must be in 1..") and "\n" not in outcome["bad"]
     assert np.array_equal(outcome["good"], local.upscale(image, seed=9, steps=STEPS))
     assert np.array_equal(outcome["good2"], local.upscale(image, seed=10, steps=STEPS))
-    assert metric(server, "nv_inference_exec_count") - executions < 3  # they did share a batch
+    assert metric(server, "nv_inference_exec_count") - executions < 3  # they did share a batch (0.2 s queue delay)
 
 
 def test_remote_command_is_upscale_on_the_server(server, local, images, tmp_path):
@@ -232,14 +236,18 @@ def test_sigterm_finishes_requests_in_flight_then_exits_zero(engines, local, ima
 
         clients = {seed: RemoteUpscaler(url) for seed in (1, 2, 3)}  # connected before the requests go
 
+        done_at = {}
+
         def send(seed):
             with clients[seed] as remote:
                 results[seed] = remote.upscale(images[size], seed=seed, steps=steps)
+                done_at[seed] = time.monotonic()
 
         threads = [threading.Thread(target=send, args=(seed,)) for seed in clients]
         for t in threads:
             t.start()
         time.sleep(0.6)  # past the 0.1 s queue delay: the batch runs (a few seconds)
+        signalled_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=120)
@@ -250,10 +258,23 @@ def test_sigterm_finishes_requests_in_flight_then_exits_zero(engines, local, ima
             proc.wait()
     assert proc.returncode == 0, output[-2000:]
     assert "serving model 'deedsr'" in output and output.rstrip().endswith("stopped")
-    assert "Found 1 model versions that have in-flight inferences" in output  # Triton waited for them
     assert sorted(results) == [1, 2, 3]
+    assert min(done_at.values()) > signalled_at  # they were in flight when the signal came
     for seed, image in results.items():
         assert np.array_equal(image, local.upscale(images[size], seed=seed, steps=steps))
     with pytest.raises(Unreachable):  # and it is gone
         RemoteUpscaler(url, init_timeout_s=2)
     assert set(Path(tempfile.gettempdir()).glob("deedsr-triton-*")) == homes_before  # its workspace removed
+
+
+def test_serve_on_a_busy_port_is_one_line(engines):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        http, metrics = free_ports(2)
+        result = CliRunner().invoke(main, ["serve", "--engines", str(engines), "--http-port", str(http),
+                                           "--grpc-port", str(port), "--metrics-port", str(metrics)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and lines == [f"Error: Triton did not start: cannot listen on 127.0.0.1:{port}: "
+                                               "Address already in use"]
