@@ -4,17 +4,18 @@ One model, `deedsr`, every tensor with Triton's leading batch dimension:
   inputs   image UINT8 (-1, -1, 3) the LR photo (RGB), seed INT64 (1,), steps INT32 (1,) optional
   outputs  image UINT8 (-1, -1, 3) the x4 result, error BYTES (1,) empty unless the request failed
 
-Batching: Triton's dynamic batcher puts only requests whose tensors have identical shapes into
-one batch, so a batch holds images of one size. Requests of a batch with the same step count go
-through `Upscaler.upscale_batch` together (one generator per request; the tiles of all images
-share graph calls), which on onnxruntime's CPU provider gives the same bytes as one `upscale`
-call per image (tests/test_serve.py checks it).
+Batching: the `image` input is marked `allow_ragged_batch`, so Triton's dynamic batcher puts
+images of different sizes into one batch (by default it would batch identical shapes only).
+Requests of a batch with the same step count go through `Upscaler.upscale_batch` together (one
+generator per request; tiles of one size, from all images, share graph calls), which on
+onnxruntime's CPU provider gives the same bytes as one `upscale` call per image
+(tests/test_serve_model.py, tests/test_serve.py).
 
 Errors: PyTriton answers a batch either with one error for all its requests or with one response
 per request; it cannot fail one request of a batch alone. So a batch whose requests are all bad
 raises (each client gets an error response with the reason), and in a batch that mixes good and
-bad requests the bad ones get a 1x1 placeholder image and their reason in `error` (`deedsr remote` and
-`RemoteUpscaler` raise it). Malformed tensors (dtype, rank, a missing seed) never reach this
+bad requests the bad ones get a 1x1 placeholder image and their reason in `error` (`deedsr
+remote` and `RemoteUpscaler` raise it). Malformed tensors (dtype, rank, a missing seed) never reach this
 code: Triton refuses them against the model's declared inputs.
 
 PyTriton is imported only by `Server`, so `UpscaleModel` (the batch logic) works without it.
@@ -206,6 +207,7 @@ class Server:
                                batcher=DynamicBatcher(max_queue_delay_microseconds=c.queue_delay_us)),
             strict=True,
         )
+        _allow_mixed_sizes(self._triton, MODEL_NAME)
         with _server_environment(home):  # the Triton process copies this environment at start
             self._triton.run()
         wait_until_ready(self.url, timeout_s=c.startup_timeout_s)
@@ -238,6 +240,30 @@ class Server:
 
     def __exit__(self, *_) -> None:
         self.stop()
+
+
+def _allow_mixed_sizes(triton, model_name: str) -> None:
+    """Mark the `image` input `allow_ragged_batch` in the model config PyTriton sends to Triton,
+    so that Triton's dynamic batcher puts images of different sizes into one batch (by default it
+    batches only identical shapes and closes a batch at the first request of another shape).
+    The python backend hands each request's tensors over separately, and `UpscaleModel` takes
+    images of any sizes together. PyTriton 0.7.0 has no option for it: this wraps the config of
+    the bound model (`Triton._model_manager`, a private attribute of the pinned version)."""
+    models = [m for m in getattr(getattr(triton, "_model_manager", None), "models", []) if m.model_name == model_name]
+    if len(models) != 1 or not hasattr(models[0], "get_model_config"):
+        log.warning("this PyTriton cannot mark inputs ragged: Triton will batch same-size images only")
+        return
+    model = models[0]
+    plain = model.get_model_config
+
+    def with_ragged_image() -> dict:
+        config = plain()
+        for spec in config.get("input", []):
+            if spec["name"] == "image":
+                spec["allow_ragged_batch"] = True
+        return config
+
+    model.get_model_config = with_ragged_image
 
 
 @contextlib.contextmanager
