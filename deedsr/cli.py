@@ -245,7 +245,7 @@ SERVE_HINT = "pip install 'deedsr[serve]'"
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Most same-size requests Triton batches into one call.")
+              help="Most requests (of any sizes) Triton batches into one call.")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Model instances (one Upscaler each), run concurrently.")
 @click.option("--queue-delay-us", type=click.IntRange(0, 10_000_000), default=0, show_default=True,
