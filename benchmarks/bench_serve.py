@@ -82,7 +82,7 @@ def batches_run(metrics_port: int) -> tuple[float, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
 
     def value(name):
-        found = re.search(rf'^{name}{{model="deedsr",version="1"}} (\S+)$', text, re.M)
+        found = re.search(rf'^{name}{{model="deedsr",version="1"}} (\S+)$', text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
 
     return value("nv_inference_count"), value("nv_inference_exec_count")

@@ -230,9 +230,6 @@ def demo(outdir, backend, threads, steps, seed):
     click.echo(str(outdir / "astronaut_compare.png"))
 
 
-SERVE_HINT = "pip install 'deedsr[serve]'"
-
-
 @main.command()
 @click.option("--engines", type=click.Path(), help="Engine directory written by deedsr-export (default: the demo's).")
 @click.option("--backend", type=click.Choice(BACKENDS[:3]), default="auto", show_default=True)
@@ -256,12 +253,12 @@ def serve(engines, backend, precision, threads, host, http_port, grpc_port, metr
           queue_delay_us, drain_timeout):
     """Serve the engines on Triton Inference Server (model 'deedsr'; KServe v2 HTTP/gRPC,
     Prometheus metrics) until SIGTERM or Ctrl-C, which finish the requests in flight."""
-    from .runtime.serve import ServeConfig, Server
+    from .runtime.serve import INSTALL_HINT, ServeConfig, Server
 
     try:
         import pytriton.triton  # noqa: F401
     except ImportError as e:
-        raise UsageError(f"deedsr serve needs PyTriton: {SERVE_HINT} ({e})") from None
+        raise UsageError(f"deedsr serve needs PyTriton: {INSTALL_HINT} ({e})") from None
     ports = (http_port, grpc_port, metrics_port)
     if len(set(ports)) != len(ports):
         raise UsageError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
@@ -295,11 +292,12 @@ def remote(url, inputs, outdir, seed, steps, timeout, connect_timeout, overwrite
     """Upscale INPUTS (files, folders or globs) x4 on a `deedsr serve` server at URL
     (http://HOST:8000 or grpc://HOST:8001) into OUTDIR as PNG."""
     from .runtime.remote import RemoteUpscaler, Unreachable
+    from .runtime.serve import INSTALL_HINT
 
     try:
         import pytriton.client  # noqa: F401
     except ImportError as e:
-        raise UsageError(f"deedsr remote needs the Triton client: {SERVE_HINT} ({e})") from None
+        raise UsageError(f"deedsr remote needs the Triton client: {INSTALL_HINT} ({e})") from None
     paths, unmatched = expand_inputs(list(inputs))
     failures = 0
     for pattern in unmatched:

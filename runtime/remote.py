@@ -32,7 +32,10 @@ class RemoteUpscaler:
         timeout_s: how long one request may take, queueing included; init_timeout_s: how long to
         wait for the server and the model to be ready."""
         from pytriton.client import ModelClient
-        from pytriton.client.exceptions import PyTritonClientError, PyTritonClientTimeoutError
+        from pytriton.client.exceptions import (
+            PyTritonClientError,
+            PyTritonClientTimeoutError,
+        )
         from pytriton.client.warnings import NotSupportedTimeoutWarning
 
         self.url = url
@@ -49,7 +52,10 @@ class RemoteUpscaler:
 
     def upscale(self, image: np.ndarray, seed: int = 0, steps: int | None = None) -> np.ndarray:
         """uint8 HxWx3 -> uint8 (4H)x(4W)x3, computed by the server."""
-        from pytriton.client.exceptions import PyTritonClientInferenceServerError, PyTritonClientTimeoutError
+        from pytriton.client.exceptions import (
+            PyTritonClientInferenceServerError,
+            PyTritonClientTimeoutError,
+        )
 
         inputs = {"image": np.ascontiguousarray(image), "seed": np.array([seed], dtype=np.int64)}
         if steps is not None:
@@ -84,7 +90,7 @@ def _reason(message: str) -> str:
     if found:
         return found[-1].strip()
     if "Traceback" in message:  # the model failed unexpectedly: the exception's own line
-        raised = re.findall(r"^\s*([\w.]*(?:Error|Exception)): ([^\n]*)$", message, re.M)
+        raised = re.findall(r"^\s*([\w.]*(?:Error|Exception)): ([^\n]*)$", message, re.MULTILINE)
         if raised:
             kind, text = raised[-1]
             return f"server error: {kind.rsplit('.', 1)[-1]}: {text.strip()}"

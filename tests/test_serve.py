@@ -25,16 +25,16 @@ import pytest
 
 pytest.importorskip("pytriton.triton", reason="needs the serve extra (pip install 'deedsr[serve]', numpy < 2)")
 
-from click.testing import CliRunner  # noqa: E402
-from deedsr.runtime.demo import ASSET  # noqa: E402
-from deedsr.runtime.images import read_image  # noqa: E402
-from deedsr.runtime.remote import RemoteError, RemoteUpscaler, Unreachable  # noqa: E402
-from deedsr.runtime.serve import ServeConfig, Server, wait_until_ready  # noqa: E402
-from deedsr.runtime.upscaler import Upscaler  # noqa: E402
-from helpers import make_bad_inputs  # noqa: E402
-from PIL import Image  # noqa: E402
+from click.testing import CliRunner
+from deedsr.runtime.demo import ASSET
+from deedsr.runtime.images import read_image
+from deedsr.runtime.remote import RemoteError, RemoteUpscaler, Unreachable
+from deedsr.runtime.serve import ServeConfig, Server, wait_until_ready
+from deedsr.runtime.upscaler import Upscaler
+from helpers import make_bad_inputs
+from PIL import Image
 
-from deedsr.cli import main  # noqa: E402
+from deedsr.cli import main
 
 STEPS = 2  # step 0 is noise-guided, so one UNet step: the protocol is under test, not the model
 SIZES = [(16, 16), (24, 32), (72, 64)]  # (height, width); 72x64 is two latent tiles of the demo engines
@@ -84,7 +84,7 @@ def server(engines):
 
 def metric(server, name):
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.config.metrics_port}/metrics", timeout=10).read().decode()
-    found = re.search(rf'^{name}{{model="deedsr",version="1"}} (\S+)$', text, re.M)
+    found = re.search(rf'^{name}{{model="deedsr",version="1"}} (\S+)$', text, re.MULTILINE)
     return float(found.group(1)) if found else None
 
 
@@ -294,5 +294,5 @@ def test_serve_on_a_busy_port_is_one_line(engines):
         result = CliRunner().invoke(main, ["serve", "--engines", str(engines), "--http-port", str(http),
                                            "--grpc-port", str(port), "--metrics-port", str(metrics)])
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and lines == [f"Error: Triton did not start: cannot listen on 127.0.0.1:{port}: "
-                                               "Address already in use"]
+    assert result.exit_code == 1
+    assert lines == [f"Error: Triton did not start: cannot listen on 127.0.0.1:{port}: Address already in use"]
