@@ -204,9 +204,7 @@ def _check_options(upscaler, options: dict) -> None:
         check_noise_guidance(opts.steps, opts.noise_guidance_steps)
         if not 0 <= opts.tile_overlap < opts.tile:
             raise ValueError(f"tile overlap ({opts.tile_overlap}) must be in 0..{opts.tile - 1} for tile {opts.tile}")
-        preload = getattr(getattr(upscaler, "backend", None), "preload", None)  # the torch backend has none
-        if preload is not None:
-            preload()
+        upscaler.preload()
     except (ValueError, EngineError) as e:
         raise UsageError(str(e)) from None
 
@@ -214,26 +212,42 @@ def _check_options(upscaler, options: dict) -> None:
 def _upscale_all(upscaler, targets: dict, options: dict, seed: int, overwrite: bool) -> int:
     from tqdm import tqdm
 
+    steps = options.get("steps") or upscaler.default_steps
+
+    def upscale_one(path: Path, image):
+        with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
+            return upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
+
+    def check(width: int, height: int) -> None:  # shape ranges and memory, before decoding
+        upscaler.check(height, width, options.get("tile"), options.get("profile"))
+
+    return _for_each_image(targets, overwrite, upscale_one, check)
+
+
+def _for_each_image(targets: dict, overwrite: bool, upscale_one, check=None, fatal=()) -> int:
+    """Read each input, `upscale_one(path, image)`, write its target PNG atomically. A bad image
+    is one line on stderr and the rest go on; returns how many failed. `check(width, height)`
+    refuses an image from its header, before decoding; `fatal` errors stop the batch."""
+    from tqdm import tqdm
+
     from .runtime.errors import BackendError, EngineError
 
     failures = 0
-    steps = options.get("steps") or upscaler.default_steps
     for path, target in tqdm(targets.items(), desc="images", unit="img", disable=len(targets) < 2, file=sys.stderr):
         try:
             if target.exists() and not overwrite:
                 raise ImageError(f"output {target} exists; pass --overwrite to replace it")
             size = image_size(path)
-            if size is not None:  # shape ranges and memory, before decoding (read_image says why not)
-                upscaler.check(size[1], size[0], options.get("tile"), options.get("profile"))
+            if size is not None and check is not None:  # read_image says why when size is None
+                check(*size)
             image = read_image(path)
-            with tqdm(total=steps, desc=path.name, unit="step", leave=False, file=sys.stderr) as bar:
-                result = upscaler.upscale(image, seed=seed, callback=lambda info: bar.update(1), **options)
+            result = upscale_one(path, image)
             try:
                 write_png(result, target)
             except OSError as e:  # the folder went away or filled up during the batch
                 raise ImageError(f"cannot write {target} ({e.strerror or e})") from None
             tqdm.write(str(target))
-        except EngineError as e:
+        except (EngineError, *fatal) as e:
             raise UsageError(str(e)) from None
         except (ImageError, ValueError, MemoryError, BackendError) as e:
             tqdm.write(f"error: {path}: {e}", file=sys.stderr)
@@ -279,7 +293,8 @@ def demo(outdir, backend, threads, steps, seed):
 
 
 @main.command()
-@click.option("--out", "outdir", required=True, type=click.Path(), help="Folder for libdeedsr.so, deedsr.h, deedsr.pc.")
+@click.option("-o", "--output", "--out", "outdir", required=True, type=click.Path(),
+              help="Folder for libdeedsr.so, deedsr.h, deedsr.pc.")
 @click.option("--python", "python", type=click.Path(),
               help="Interpreter the library starts (default: this one); same Python version, e.g. a venv's.")
 @click.option("--verbose", is_flag=True, help="Show the compiler's commands.")
@@ -303,6 +318,96 @@ def capi(outdir, python, verbose):
     for path in (library, library.with_name("deedsr.h"), library.with_name("deedsr.pc")):
         click.echo(str(path))
     click.echo(f"built in {time.perf_counter() - started:.1f} s", err=True)
+
+
+@main.command()
+@click.option("--engines", type=click.Path(), help="Engine directory written by deedsr-export (default: the demo's).")
+@click.option("--backend", type=click.Choice(BACKENDS[:3]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Graph precision (auto: fp16 on a GPU, fp32 on the CPU).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Compute threads per instance (default: one per core).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP, gRPC and metrics listeners bind (0.0.0.0: every interface).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Most requests (of any sizes) Triton batches into one call.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Model instances (one Upscaler each), run concurrently.")
+@click.option("--queue-delay-us", type=click.IntRange(0, 10_000_000), default=0, show_default=True,
+              help="How long Triton holds a request waiting for others to batch with (every lone request pays it).")
+@click.option("--drain-timeout", type=click.IntRange(0, 28), default=25, show_default=True,
+              help="Seconds SIGTERM waits for open connections to close and requests in flight to finish.")
+def serve(engines, backend, precision, threads, host, http_port, grpc_port, metrics_port, max_batch, instances,
+          queue_delay_us, drain_timeout):
+    """Serve the engines on Triton Inference Server (model 'deedsr'; KServe v2 HTTP/gRPC,
+    Prometheus metrics) until SIGTERM or Ctrl-C, which finish the requests in flight."""
+    from .runtime.serve import INSTALL_HINT, ServeConfig, Server
+
+    try:
+        import pytriton.triton  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"deedsr serve needs PyTriton: {INSTALL_HINT} ({e})") from None
+    ports = (http_port, grpc_port, metrics_port)
+    if len(set(ports)) != len(ports):
+        raise UsageError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+    upscalers = [open_runtime(backend, engines, precision, threads) for _ in range(instances)]
+    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                         max_batch=max_batch, queue_delay_us=queue_delay_us, exit_timeout_s=drain_timeout)
+    server = Server(upscalers, config)
+    try:
+        server.start()
+    except Exception as e:  # a busy port, a server that never got ready: one line, not PyTriton's traceback
+        raise click.ClickException(f"Triton did not start: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    click.echo(f"serving model 'deedsr' ({upscalers[0].describe()}; {instances} instance(s), max batch {max_batch}) "
+               f"on {server.url}, grpc port {grpc_port}, metrics http://{host}:{metrics_port}/metrics; "
+               "SIGTERM or Ctrl-C stops", err=True)
+    server.wait_for_signal()
+    click.echo("stopped", err=True)
+
+
+@main.command()
+@click.argument("url")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(),
+              help="Output folder (or, for one input, a .png file).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), help="DDIM steps (default: the server's engines', 50).")
+@click.option("--timeout", type=click.FloatRange(1, None), default=600, show_default=True,
+              help="Seconds one image may take on the server, queueing included.")
+@click.option("--connect-timeout", type=click.FloatRange(0.1, None), default=30, show_default=True,
+              help="Seconds to wait for the server and its model to be ready.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def remote(url, inputs, outdir, seed, steps, timeout, connect_timeout, overwrite):
+    """Upscale INPUTS (files, folders or globs) x4 on a `deedsr serve` server at URL
+    (http://HOST:8000 or grpc://HOST:8001) into OUTDIR as PNG."""
+    from .runtime.remote import RemoteUpscaler, Unreachable
+    from .runtime.serve import INSTALL_HINT
+
+    try:
+        import pytriton.client  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"deedsr remote needs the Triton client: {INSTALL_HINT} ({e})") from None
+    paths, unmatched = expand_inputs(list(inputs))
+    failures = 0
+    for pattern in unmatched:
+        click.echo(f"error: {pattern}: no file matches", err=True)
+        failures += 1
+    if not paths:
+        raise UsageError("no input images")
+    targets = _plan_outputs(paths, Path(outdir))
+    try:
+        client = RemoteUpscaler(url, timeout_s=timeout, init_timeout_s=connect_timeout)
+    except Unreachable as e:
+        raise UsageError(str(e)) from None
+    with client:
+        _prepare_output(targets)
+        failures += _for_each_image(targets, overwrite,
+                                    lambda path, image: client.upscale(image, seed=seed, steps=steps),
+                                    fatal=(Unreachable,))
+    if failures:
+        sys.exit(1)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

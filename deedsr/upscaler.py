@@ -39,6 +39,9 @@ class TorchUpscaler:
     def default_steps(self) -> int:
         return self.config.sampler.steps
 
+    def preload(self) -> None:
+        """The model is in memory from the start."""
+
     def options(self, **overrides):
         """The sampler settings for these overrides; ValueError for a bad one (before any image)."""
         return self.pipeline.sampler_config(**overrides)

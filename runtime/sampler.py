@@ -38,7 +38,7 @@ class Schedule:
     def timesteps(self, steps: int) -> list[int]:
         k = self.num_train // steps if steps >= 1 else 0
         top = (steps - 1) * k + self.steps_offset if steps >= 1 else -1
-        if steps < 1 or top >= self.num_train:
+        if steps < 1 or k == 0 or top >= self.num_train:  # k == 0: more steps than training timesteps
             limit = max(s for s in range(1, self.num_train + 1)
                         if (s - 1) * (self.num_train // s) + self.steps_offset < self.num_train)
             raise ValueError(f"steps must be in 1..{limit}, got {steps}")

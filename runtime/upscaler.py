@@ -228,6 +228,10 @@ class Upscaler:
         sr = sr[0].transpose(1, 2, 0)[: h * self.scale, : w * self.scale]
         return get_profile(opts.profile).to_uint8(sr)
 
+    def preload(self) -> None:
+        """Load every graph now (a graph that does not match manifest.json is refused here)."""
+        self.backend.preload()
+
     def close(self) -> None:
         self.backend.close()
 

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from skimage import data
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +23,7 @@ def tiny_model():
 def photo():
     """A real photo from scikit-image, 48x40 (an LR input)."""
     from PIL import Image
+    from skimage import data  # here, not at the top: the serve environment has no scikit-image
 
     return np.asarray(Image.fromarray(data.coffee()).resize((48, 40), Image.BICUBIC))
 

@@ -86,7 +86,7 @@ def test_timesteps_equal_diffusers(steps):
 
 def test_step_counts_the_schedule_cannot_space_are_refused():
     schedule = sampler.Schedule(alphas_cumprod(SchedulerConfig()))
-    for bad in (0, 1000):
+    for bad in (0, 1000, 1001, 5000):  # past 1000 the spacing would be 0: every step at t=1
         with pytest.raises(ValueError, match="steps must be in 1..999"):
             schedule.timesteps(bad)
 
