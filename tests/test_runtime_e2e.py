@@ -143,11 +143,22 @@ def test_reference_code_profile_parity(runtime_fp32, engines, reference_code, re
 
 
 def test_engine_directories_from_before_the_profiles(engines, tmp_path, photo):
-    old = _copy(engines, tmp_path / "old")
+    import hashlib
+
+    import onnx
+
+    old = _copy(engines, tmp_path / "old", skip={"fp32/vae_encoder.onnx"})
     data = json.loads((old / "manifest.json").read_text())
     del data["sampler"]["profile"]
     encoder = data["graphs"]["vae_encoder"]
     encoder["outputs"] = [o for o in encoder["outputs"] if o["name"] == "latent"]
+    graph = onnx.load(str(engines / "fp32" / "vae_encoder.onnx"))  # the graph as exported before: no latent_std
+    kept = [o for o in graph.graph.output if o.name == "latent"]
+    del graph.graph.output[:]
+    graph.graph.output.extend(kept)
+    onnx.save(graph, str(old / "fp32" / "vae_encoder.onnx"))
+    blob = (old / "fp32" / "vae_encoder.onnx").read_bytes()
+    encoder["precisions"]["fp32"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     (old / "manifest.json").write_text(json.dumps(data))
     upscaler = Upscaler.from_engine_dir(old, precision="fp32")
     assert upscaler.manifest.sampler["profile"] == "paper"
