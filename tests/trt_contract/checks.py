@@ -242,23 +242,25 @@ def main() -> int:
     if graphs_fake is not None:
         os.environ["DEEDSR_TRT_CUDA_GRAPHS"] = "1"
 
-        @check("CUDA graphs: capture once, replay, same result as without; nothing leaked")
-        def _():
-            plain = Upscaler.from_engine_dir(built["static"], backend="trt", )
-            plain.backend.cuda_graphs = False
-            reference = plain.upscale(photo, seed=5, steps=3)
-            plain.close()
-            s = fake_gpu.STATS
-            captures, launches = s["captures"], s["launches"]
-            up = Upscaler.from_engine_dir(built["static"], backend="trt")
-            assert up.backend.cuda_graphs
-            first = up.upscale(photo, seed=5, steps=3)
-            again = up.upscale(photo, seed=5, steps=3)
-            assert up.backend.cuda_graphs, "CUDA graphs were switched off: " + str(s.get("context_errors", [])[-1:])
-            up.close()
-            assert s["captures"] > captures and s["launches"] > launches, (s["captures"], s["launches"])
-            assert np.array_equal(first, reference) and np.array_equal(again, reference)
-            assert s["graphs_alive"] == 0, s["graphs_alive"]
+        for fused in (True, False):
+            @check(f"CUDA graphs ({'denoiser' if fused else 'adapter+unet'}): capture once, replay, same result as "
+                   "without; nothing leaked")
+            def _():
+                plain = Upscaler.from_engine_dir(built["static"], backend="trt", use_denoiser=fused)
+                plain.backend.cuda_graphs = False
+                reference = plain.upscale(photo, seed=5, steps=3)
+                plain.close()
+                s = fake_gpu.STATS
+                captures, launches = s["captures"], s["launches"]
+                up = Upscaler.from_engine_dir(built["static"], backend="trt", use_denoiser=fused)
+                assert up.backend.cuda_graphs
+                first = up.upscale(photo, seed=5, steps=3)
+                again = up.upscale(photo, seed=5, steps=3)
+                assert up.backend.cuda_graphs, "CUDA graphs were switched off: " + str(s.get("context_errors", [])[-1:])
+                up.close()
+                assert s["captures"] > captures and s["launches"] > launches, (s["captures"], s["launches"])
+                assert np.array_equal(first, reference) and np.array_equal(again, reference)
+                assert s["graphs_alive"] == 0, s["graphs_alive"]
 
         @check("CUDA graphs: a failed capture falls back to plain steps and leaks no graph")
         def _():

@@ -35,7 +35,13 @@ from api_contract import VIOLATIONS, Faked
 
 GPU_NAME = "NVIDIA Contract Stand-in"
 GPU_CC = (8, 9)
-ENGINE_MEMORY = 3 << 20  # activation bytes a fake engine needs at its largest shapes
+ENGINE_MEMORY = 3 << 20  # activation bytes a fake engine needs at its largest shapes ...
+BIG_ENGINE_MEMORY = 20 << 20  # ... and the UNet's (more than the backend's first 16 MiB scratch step)
+
+
+def _engine_memory(context_or_engine) -> int:
+    engine = getattr(context_or_engine, "_engine", context_or_engine)
+    return BIG_ENGINE_MEMORY if Path(engine._plan["source"]).stem == "unet" else ENGINE_MEMORY
 STATS = {"builds": 0, "timing_cache_loaded": [], "captures": 0, "launches": 0, "graphs_alive": 0,
          "executions": 0, "capture_refused": 0}
 FAIL = {"capture_enqueue": False, "graph_launch": False}  # failure injection for the checks
@@ -659,8 +665,8 @@ class FakeEngine(Faked):
 
     num_io_tensors = property(lambda self: len(self._io))
     num_optimization_profiles = property(lambda self: 1)
-    device_memory_size = property(lambda self: ENGINE_MEMORY)
-    device_memory_size_v2 = property(lambda self: ENGINE_MEMORY)
+    device_memory_size = property(lambda self: _engine_memory(self))
+    device_memory_size_v2 = property(lambda self: _engine_memory(self))
     name = property(lambda self: Path(self._plan["source"]).stem)
     num_layers = property(lambda self: 1)
 
@@ -702,9 +708,15 @@ def _session(path):
 
     if path not in _SESSIONS:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
         opts.log_severity_level = 3
-        _SESSIONS[path] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        opts.use_per_session_threads = False  # the project's ort backend sets up ORT's global thread pool
+        try:
+            _SESSIONS[path] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception:  # no global pool in this process yet: a session of its own, one thread
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.intra_op_num_threads = 1
+            _SESSIONS[path] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     return _SESSIONS[path]
 
 
@@ -738,13 +750,13 @@ class FakeContext(Faked):
         self._memory = (int(ptr), int(size))
 
     # TensorRT < 10.1: the device_memory property; >= 10.1: set_device_memory(memory, size)
-    device_memory = property(lambda self: self._memory[0], lambda self, v: self._set_memory(v, ENGINE_MEMORY))
+    device_memory = property(lambda self: self._memory[0], lambda self, v: self._set_memory(v, _engine_memory(self)))
 
     def set_device_memory(self, memory, size):
         self._set_memory(memory, size)
 
     def update_device_memory_size_for_shapes(self):
-        return ENGINE_MEMORY
+        return _engine_memory(self)
 
     def set_input_shape(self, name, shape):
         shape = tuple(int(d) for d in shape)
@@ -798,8 +810,9 @@ class FakeContext(Faked):
             return self._fail(f"tensor addresses or input shapes not set: {missing}")
         if self._user_memory:
             ptr, size = self._memory
-            if not _LIBCUDART.valid(ptr, ENGINE_MEMORY) or size < ENGINE_MEMORY:
-                return self._fail(f"device memory {ptr:#x}+{size} is not a live allocation of >= {ENGINE_MEMORY} bytes")
+            need = _engine_memory(self)
+            if not _LIBCUDART.valid(ptr, need) or size < need:
+                return self._fail(f"device memory {ptr:#x}+{size} is not a live allocation of >= {need} bytes")
         if stream.capturing is not None:
             if self._dirty or FAIL["capture_enqueue"]:
                 STATS["capture_refused"] += 1
@@ -820,7 +833,7 @@ class FakeContext(Faked):
         return False
 
     def _run(self, shapes, addresses, memory):
-        if self._user_memory and not _LIBCUDART.valid(memory[0], ENGINE_MEMORY):
+        if self._user_memory and not _LIBCUDART.valid(memory[0], _engine_memory(self)):
             raise RuntimeError("replay with freed device memory")
         STATS["executions"] += 1
         sess = _session(self._engine._plan["source"])
