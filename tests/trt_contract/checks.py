@@ -295,6 +295,60 @@ def main() -> int:
 
         os.environ.pop("DEEDSR_TRT_CUDA_GRAPHS")
 
+    # ------------------------------------------------------------- bad input
+    @check("TensorRT present, no NVIDIA driver: build is one line, nothing written; --backend auto uses ort")
+    def _():
+        from deedsr.runtime.backends import open_backend
+
+        real = backend_cuda._libcuda
+        backend_cuda._libcuda = lambda: None
+        try:
+            root = fresh("no-driver")
+            before = (root / "manifest.json").read_bytes()
+            try:
+                build_plans(root, BuildOptions(), echo=quiet)
+            except BuildError as e:
+                assert "no NVIDIA driver" in str(e) and "\n" not in str(e), str(e)
+            else:
+                raise AssertionError("no BuildError")
+            assert not (root / "trt").exists() and (root / "manifest.json").read_bytes() == before
+            backend = open_backend(Manifest.load(built["auto"]), "auto")
+            assert backend.name == "ort", backend.name
+            backend.close()
+        finally:
+            backend_cuda._libcuda = real
+
+    @check("an unsupported polygraphy: one line naming the version to install, nothing written")
+    def _():
+        real = polygraphy.__version__
+        polygraphy.__version__ = "0.49.0"
+        try:
+            root = fresh("old-polygraphy")
+            try:
+                build_plans(root, BuildOptions(), echo=quiet)
+            except BuildError as e:
+                assert "polygraphy 0.49.0 is too old" in str(e) and "polygraphy>=0.53.4" in str(e), str(e)
+            else:
+                raise AssertionError("no BuildError")
+            assert not (root / "trt").exists()
+        finally:
+            polygraphy.__version__ = real
+
+    @check("the binding without its native libraries: exit 2, one line naming what to install, nothing written")
+    def _():
+        import subprocess
+
+        root = fresh("no-libnvinfer")
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+                                                 if p and "stand-in" not in p)
+        proc = subprocess.run([sys.executable, "-m", "deedsr.engines", str(root)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (proc.returncode, lines[-3:])
+        assert "libnvinfer" in lines[0] and "tensorrt-cu12" in lines[0], lines[0]
+        assert not (root / "trt").exists()
+
     @check("every call on a fake fits the real TensorRT / cuda-python API")
     def _():
         assert not VIOLATIONS, VIOLATIONS[:5]

@@ -84,10 +84,12 @@ TRT = None
 def _onnx_dtype_to_trt(elem_type: int):
     import onnx
 
-    np_type = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    return {np.dtype(np.float32): TRT.float32, np.dtype(np.float16): TRT.float16,
-            np.dtype(np.int32): TRT.int32, np.dtype(np.int64): TRT.int64,
-            np.dtype(np.bool_): TRT.bool}[np.dtype(np_type)]
+    np_type = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    if np_type == np.int64 and not hasattr(TRT, "int64"):
+        return TRT.int32  # TensorRT < 9: the ONNX parser turns INT64 inputs into INT32
+    names = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int32): "int32",
+             np.dtype(np.int64): "int64", np.dtype(np.bool_): "bool"}
+    return getattr(TRT, names[np_type])
 
 
 def _dims(values):
@@ -840,7 +842,7 @@ class FakeContext(Faked):
         feeds = {}
         for i in sess.get_inputs():
             dtype = np.dtype(TRT.nptype(self._engine.get_tensor_dtype(i.name)))
-            feeds[i.name] = _LIBCUDART.read(addresses[i.name], shapes[i.name], dtype)
+            feeds[i.name] = _LIBCUDART.read(addresses[i.name], shapes[i.name], dtype).astype(_np_type(i.type))
         outs = sess.run(None, feeds)
         for o, value in zip(sess.get_outputs(), outs):
             dtype = np.dtype(TRT.nptype(self._engine.get_tensor_dtype(o.name)))
