@@ -3,7 +3,7 @@
 Layout (docs/engine-directory.md, "TensorRT plans"):
 
     "trt": {
-      "timing_cache": "trt/timing-10.3.0-sm8.6.cache",
+      "timing_cache": "trt/timing-10.3.0-NVIDIA-GeForce-RTX-3090-sm8.6.cache",
       "plans": {"unet": {<record>}, ...}
     }
 
