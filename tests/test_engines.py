@@ -292,6 +292,41 @@ def test_manifest_update_is_atomic(engine_copy):
     assert target.read_bytes() == b"whole plan" and len(list((engine_copy / "trt").iterdir())) == 1
 
 
+def test_plans_and_rewritten_manifest_are_readable_by_others(engine_copy):
+    """The export makes engine directories readable by a service account; mkstemp's 0600 must
+    not survive into plans or manifest.json."""
+    old = os.umask(0o022)
+    try:
+        target = engine_copy / "trt" / "unet.plan"
+        records.write_atomic(target, lambda tmp: tmp.write_bytes(b"plan"))
+        records.update_manifest(engine_copy, lambda data: data.setdefault("trt", {}))
+    finally:
+        os.umask(old)
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    assert oct((engine_copy / "manifest.json").stat().st_mode & 0o777) == "0o644"
+
+
+def test_timing_cache_name_keys_on_the_gpu_model():
+    a = records.timing_cache_name("10.3.0", GpuInfo("NVIDIA GeForce RTX 4090", "8.9"))
+    b = records.timing_cache_name("10.3.0", GpuInfo("NVIDIA L4", "8.9"))  # same sm, another GPU
+    assert a != b and a == "trt/timing-10.3.0-NVIDIA-GeForce-RTX-4090-sm8.9.cache"
+
+
+def test_auto_backend_falls_back_to_ort_without_a_gpu(engine_copy, manifest_data, monkeypatch):
+    """Plans present and TensorRT importable, but no driver/GPU: `auto` runs onnxruntime."""
+    from deedsr.runtime import backends
+    from deedsr.runtime.backends import cuda, trt_api
+
+    rec, _ = make_record(engine_copy, "unet", manifest_data)
+    records.set_plan(engine_copy, "unet", rec)
+    monkeypatch.setattr(backends, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(trt_api, "import_tensorrt", lambda otherwise="": object())
+    monkeypatch.setattr(cuda, "_libcuda", lambda: None)  # no libcuda: no NVIDIA driver
+    backend = backends.open_backend(Manifest.load(engine_copy), "auto")
+    assert backend.name == "ort"
+    backend.close()
+
+
 # ------------------------------------------------------------------ without TensorRT / a GPU
 def one_error_line(output: str) -> str:
     lines = [ln for ln in output.strip().splitlines() if ln.strip()]
