@@ -8,14 +8,13 @@ in manifest.json (atomic rewrite). A failure leaves no partial plan and no half-
 manifest; plans finished before it stay recorded, and a rerun skips plans that are up to date
 (same TensorRT, GPU, source graph and settings) unless --force.
 
-A persistent timing cache (trt/timing-<TensorRT>-sm<cc>.cache) makes rebuilds fast; it is
-loaded from memory and written back atomically.
+A persistent timing cache (trt/timing-<TensorRT>-<GPU>-sm<cc>.cache) makes rebuilds fast;
+polygraphy reads it from an open file and writes it to a temporary file that is renamed over it.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import logging
 import os
 import sys
@@ -35,7 +34,7 @@ from deedsr.runtime.plans import GpuInfo
 
 from . import records
 from .errors import BuildError
-from .modes import BuildMode, check_graph_version, choose_mode, supports_opt_level
+from .modes import BuildMode, at_least, check_graph_version, choose_mode, supports_opt_level
 from .profiles import describe_profile, graph_profile, plan_dims
 
 
@@ -106,6 +105,10 @@ def plan_settings(data, graph: str, options: BuildOptions) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------- polygraphy
+MIN_POLYGRAPHY = (0, 53, 4)  # older ones: raw AttributeErrors on TensorRT 11, no captured log, no pip CUDA runtime
+POLYGRAPHY_HINT = "pip install -U 'polygraphy>=0.53.4'"
+
+
 def _polygraphy():
     try:
         import polygraphy
@@ -119,7 +122,10 @@ def _polygraphy():
         from polygraphy.exception import PolygraphyException
         from polygraphy.logger import G_LOGGER
     except ImportError:
-        raise BuildError("building plans needs polygraphy: pip install 'deedsr[trt]' (polygraphy>=0.49)") from None
+        raise BuildError(f"building plans needs polygraphy: {POLYGRAPHY_HINT}") from None
+    version = str(getattr(polygraphy, "__version__", "0"))
+    if not at_least(version, MIN_POLYGRAPHY):
+        raise BuildError(f"polygraphy {version} is too old to build plans for this project: {POLYGRAPHY_HINT}")
     return {"version": getattr(polygraphy, "__version__", None), "CreateConfig": CreateConfig, "Profile": Profile,
             "engine_from_network": engine_from_network, "network_from_onnx_path": network_from_onnx_path,
             "save_engine": save_engine, "PolygraphyException": PolygraphyException, "G_LOGGER": G_LOGGER}
@@ -245,6 +251,7 @@ def build_plans(engine_dir, options: BuildOptions | None = None,
     except EngineError as e:
         raise BuildError(str(e)) from None
     env = _Env(root, manifest, trt, gpu, version, mode, options)
+    _init_plugins(trt)
     echo(f"building {len(graphs)} TensorRT plans in {root / records.PLAN_DIR}: TensorRT {version}, "
          f"{gpu.describe()}, {mode.describe()}")
     built, started = [], time.perf_counter()
@@ -303,6 +310,15 @@ def _build_one(env: _Env, poly: dict, graph: str, dims: dict, profile: dict, tag
     return BuiltPlan(graph, record, seconds=seconds)
 
 
+def _init_plugins(trt) -> None:
+    """TensorRT's own plugins (InstanceNormalization on 8.x parses into one): registered here, as
+    not every polygraphy version does it before parsing."""
+    try:
+        trt.init_libnvinfer_plugins(trt.Logger(trt.Logger.ERROR), "")
+    except Exception:  # a missing plugin library only matters to graphs that need a plugin
+        pass
+
+
 def _per_step(env: _Env, graph: str) -> bool:
     return env.manifest.graphs[graph].stage == PER_STEP
 
@@ -341,9 +357,12 @@ def _build_engine(env: _Env, poly: dict, graph: str, network, profile: dict, fp3
     if options.workspace:
         kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(options.workspace)}
     cache_tmp = None
+    stack = contextlib.ExitStack()
     if cache_path is not None:
         if cache_path.is_file():
-            kwargs["load_timing_cache"] = io.BytesIO(cache_path.read_bytes())
+            # an open binary file: polygraphy checks a file-like object's .mode (io.BytesIO has none,
+            # and then every build fails with "load_timing_cache ... is not available")
+            kwargs["load_timing_cache"] = stack.enter_context(open(cache_path, "rb"))
         cache_tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
     try:
         try:
@@ -354,6 +373,9 @@ def _build_engine(env: _Env, poly: dict, graph: str, network, profile: dict, fp3
         except MemoryError:
             raise BuildError(f"out of host memory building {graph}; close other programs or use a machine with "
                              "more RAM") from None
+        except (AttributeError, TypeError) as e:  # polygraphy and TensorRT disagreeing on the API
+            raise BuildError(f"polygraphy {poly['version']} cannot drive TensorRT {env.version} ({e}); "
+                             f"{POLYGRAPHY_HINT}") from None
         if engine is None:
             why = _first_error(lines, "the builder returned no engine")
             if is_oom_message(why) or any(is_oom_message(ln) for ln in lines):
@@ -364,9 +386,11 @@ def _build_engine(env: _Env, poly: dict, graph: str, network, profile: dict, fp3
             raise BuildError(f"TensorRT {env.version} could not build {graph} ({why}); rerun with --verbose for "
                              "TensorRT's log")
         if cache_tmp is not None and cache_tmp.is_file():
+            records.make_readable(cache_tmp)
             os.replace(cache_tmp, cache_path)
         return engine
     finally:
+        stack.close()
         if cache_tmp is not None:
             cache_tmp.unlink(missing_ok=True)
             Path(str(cache_tmp) + ".lock").unlink(missing_ok=True)

@@ -116,4 +116,4 @@ def check_graph_version(version: str, graph: str, entry: dict) -> None:
     if not at_least(version, parse_version(need)):
         ops = ", ".join(op for op in entry.get("operators", []) if op in ("LayerNormalization",)) or "its operators"
         raise BuildError(f"graph {graph} needs TensorRT {need} or newer for {ops}, this is {version}; re-export "
-                         "with --opset 16 (which spells them with basic operators) or update TensorRT")
+                         "with --trt 8.5 (opset 16 spells them with basic operators) or update TensorRT")

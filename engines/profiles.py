@@ -4,7 +4,8 @@ Every graph input has a symbolic shape: ints, dimension names, or expressions ov
 `*` and `/` ("tile_height/8*tile_width/8"). A plan's profile evaluates those shapes at the
 named dimensions' min, opt and max:
 
-- batch: 1..N for the per-step graphs (N = the manifest's batch max, or less with --max-batch);
+- batch: 1..N for the per-step graphs (N = the manifest's batch max, or less with --max-batch),
+  optimised for N: the sampler sends all tiles of one size in calls of N;
   1 for the per-image graphs, which the runtime always runs on one image;
 - tile_height/tile_width: the manifest's range with the sampler's tile as opt; with `static`,
   min = opt = max = the tile (fixed shapes, needed for CUDA graphs);
@@ -58,6 +59,7 @@ def plan_dims(data: Mapping, graph: str, *, static: bool = False, max_batch: int
                     raise BuildError(f"--max-batch {max_batch} is outside 1..{rng['max']}, the batch range the "
                                      f"graphs were exported for; re-export with --max-batch {max_batch} first")
                 rng["max"] = max_batch
+            rng["opt"] = rng["max"]  # the sampler's usual call (up to max tiles at once)
         elif name.startswith("tile_"):
             opt = min(max(tile, rng["min"]), rng["max"])
             rng = {"min": opt, "opt": opt, "max": opt} if static else {**rng, "opt": opt}

@@ -3,7 +3,7 @@
 Layout (docs/engine-directory.md, "TensorRT plans"):
 
     "trt": {
-      "timing_cache": "trt/timing-10.3.0-sm8.6.cache",
+      "timing_cache": "trt/timing-10.3.0-NVIDIA-GeForce-RTX-3090-sm8.6.cache",
       "plans": {"unet": {<record>}, ...}
     }
 
@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
@@ -39,8 +40,18 @@ def sha256_file(path: Path) -> str:
 
 
 def timing_cache_name(tensorrt_version: str, gpu: GpuInfo) -> str:
-    """Timing caches are as tied to TensorRT and the GPU as plans are: one file per pair."""
-    return f"{PLAN_DIR}/timing-{tensorrt_version}-sm{gpu.compute_capability}.cache"
+    """Timing caches are as tied to TensorRT and the GPU as plans are: one file per TensorRT
+    version and GPU model (two GPUs of one compute capability time tactics differently)."""
+    model = re.sub(r"[^A-Za-z0-9]+", "-", gpu.name).strip("-") or "gpu"
+    return f"{PLAN_DIR}/timing-{tensorrt_version}-{model}-sm{gpu.compute_capability}.cache"
+
+
+def make_readable(path: Path) -> None:
+    """rw-r--r-- under the usual umask (mkstemp makes 0600): the export makes engine
+    directories readable by other users (a service account), and plans must stay so."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask | 0o600)
 
 
 def build_flags(mode: BuildMode, *, static: bool, opt_level: int | None, workspace: int | None,
@@ -107,6 +118,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -144,4 +156,4 @@ def set_plan(root: Path, graph: str, record: dict, timing_cache: str | None = No
 
 
 __all__ = ["plan_records", "plan_record", "up_to_date", "set_plan", "update_manifest", "write_atomic",
-           "timing_cache_name", "build_flags", "sha256_file"]
+           "timing_cache_name", "build_flags", "sha256_file", "make_readable"]

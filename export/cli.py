@@ -31,8 +31,11 @@ class _ExportCommand(click.Command):
 @click.option("--checkpoint", type=click.Path(), help="DeeDSR checkpoint folder.")
 @click.option("--preset", type=click.Choice(["tiny", "sd21-base"]), help="Untrained preset instead of a checkpoint.")
 @click.option("-o", "--output", "--out", "out", required=True, type=click.Path(), help="Engine directory to write.")
-@click.option("--precision", default="fp32,fp16", show_default=True, help="Comma-separated: fp32, fp16.")
-@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14..17; TensorRT 8.5 parses <= 17).")
+@click.option("--trt", "trt_target", type=click.Choice(["8.5", "8.6", "10", "11"]),
+              help="The TensorRT the plans will be built with (JetPack 5.1: 8.5, JetPack 6.0: 8.6, JetPack 6.1/6.2: "
+                   "10): picks the opset and the graph precisions its build mode needs.")
+@click.option("--precision", default=None, help="Comma-separated: fp32, fp16 (default fp32,fp16, or --trt's).")
+@click.option("--opset", default=None, type=int, help="ONNX opset, 14..17 (default 17, or --trt's: 16 for 8.5).")
 @click.option("--tile", type=int, help="Latent tile side the per-step graphs are built for (default: the model's).")
 @click.option("--min-size", default=16, show_default=True, type=int, help="Smallest LR side in pixels.")
 @click.option("--max-size", default=512, show_default=True, type=int, help="Largest LR side in pixels.")
@@ -41,11 +44,21 @@ class _ExportCommand(click.Command):
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
 @click.option("--build-engines", "build_engines", is_flag=True,
               help="Then build TensorRT plans into OUT/trt (default settings; see build-engines --help).")
-def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser, force,
-         build_engines=False):
+def main(checkpoint, preset, out, trt_target, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser,
+         force, build_engines=False):
     """Trace the learner, VAE, adapter and modulated UNet into ONNX graphs with a manifest."""
     if bool(checkpoint) == bool(preset):
         raise click.UsageError("give exactly one of --checkpoint DIR or --preset NAME")
+    precisions = tuple(p.strip() for p in precision.split(",") if p.strip()) if precision else None
+    if trt_target:
+        from .trt_ops import target_settings
+
+        try:
+            opset, precisions = target_settings(trt_target, opset, precisions)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    opset = 17 if opset is None else opset
+    precisions = precisions or ("fp32", "fp16")
     from deedsr.runtime.contract import OPTIONAL_GRAPHS, REQUIRED_GRAPHS
     from tqdm import tqdm
 
@@ -53,7 +66,6 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
 
     from .engine_dir import ExportError, export_engine_dir
 
-    precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
     start = time.perf_counter()
     try:
         model = _load(checkpoint, preset)

@@ -6,7 +6,8 @@
 # Needs: the project installed with its dev extras (torch for the export, onnxruntime for the
 # fp32 reference), tensorrt and polygraphy; cuda-python is optional (CUDA-graph checks):
 #
-#   pip install -e '.[dev,trt]' tensorrt [cuda-python]
+#   pip install -e '.[dev,trt]' tensorrt-cu12 ['cuda-python>=12.4,<13']     (CUDA 12 driver)
+#   pip install -e '.[dev,trt]' tensorrt-cu13 ['cuda-python>=13,<14']       (CUDA 13 driver)
 #
 # It exports the tiny preset, builds its plans (then again: all up to date), checks every plan
 # against ONNX Runtime fp32 (cosine >= 0.999) and the whole upscale against the ort fp32
@@ -43,11 +44,12 @@ fi
 import importlib.util, sys
 missing = [m for m in ("tensorrt", "polygraphy", "onnxruntime", "torch") if importlib.util.find_spec(m) is None]
 if missing:
-    sys.exit("error: missing Python packages: " + ", ".join(missing) + " (pip install -e '.[dev,trt]' tensorrt)")
+    sys.exit("error: missing Python packages: " + ", ".join(missing) + " (pip install -e '.[dev,trt]' tensorrt-cu12)")
 import tensorrt, polygraphy
 from deedsr.runtime.backends.cuda import gpu_identity
 print(f"TensorRT {tensorrt.__version__}, polygraphy {polygraphy.__version__}, GPU {gpu_identity().describe()}")
-print("cuda-python:", "yes" if importlib.util.find_spec("cuda") else "no (the CUDA-graph step is skipped)")
+from deedsr.runtime.backends.cuda import cudart_graphs
+print("cuda-python:", "yes" if cudart_graphs() is not None else "no runtime module (the CUDA-graph step is skipped)")
 EOF
 
 TINY="$WORK/tiny"
@@ -68,11 +70,11 @@ rm -rf "$STATIC"
 cp -r "$TINY" "$STATIC"
 step "5. static-tile plans (--static; needed for CUDA graphs)" \
     deedsr-export build-engines "$STATIC" --static --force
-if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cuda') is None)"; then
+if "$PY" -c "import sys; from deedsr.runtime.backends.cuda import cudart_graphs; sys.exit(cudart_graphs() is None)"; then
     step "5b. static plans with CUDA graphs: end to end and latency" \
         env DEEDSR_TRT_CUDA_GRAPHS=1 "$PY" -m deedsr.engines.check "$STATIC" --steps "$STEPS" --skip-compare
 else
-    echo "(5b skipped: pip install cuda-python for CUDA graphs)"
+    echo "(5b skipped: pip install 'cuda-python>=12.4,<13' (CUDA 12 driver) or 'cuda-python>=13' (CUDA 13) for CUDA graphs)"
 fi
 
 refusal() {  # a plan record from another TensorRT version must be refused with one line

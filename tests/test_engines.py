@@ -109,7 +109,7 @@ def test_version_helpers():
 def test_graph_needing_newer_tensorrt_is_refused_with_the_fix(manifest_data):
     entry = manifest_data["graphs"]["unet"]["precisions"]["fp32"]
     assert entry["min_tensorrt"] == "8.6"  # opset 17 LayerNormalization in the transformer blocks
-    with pytest.raises(BuildError, match="--opset 16"):
+    with pytest.raises(BuildError, match="--trt 8.5"):
         check_graph_version("8.5.2.2", "unet", entry)
     check_graph_version("8.6.1", "unet", entry)
     check_graph_version("8.5.2.2", "vae_encoder", manifest_data["graphs"]["vae_encoder"]["precisions"]["fp32"])
@@ -122,11 +122,11 @@ def test_profiles_from_the_tiny_manifest(manifest_data):
     t, b = d["tile_height"], d["batch"]
 
     dims, profile = plan_settings(manifest_data, "unet", BuildOptions())
-    assert dims["batch"] == {"min": 1, "opt": b["opt"], "max": b["max"]}
+    assert dims["batch"] == {"min": 1, "opt": b["max"], "max": b["max"]}  # the sampler's calls carry max tiles
     assert dims["tile_height"] == {"min": t["min"], "opt": tile, "max": t["max"]}
-    assert profile["x_t"] == {"min": [1, c, t["min"], t["min"]], "opt": [b["opt"], c, tile, tile],
+    assert profile["x_t"] == {"min": [1, c, t["min"], t["min"]], "opt": [b["max"], c, tile, tile],
                               "max": [b["max"], c, t["max"], t["max"]]}
-    assert profile["timestep"] == {"min": [1], "opt": [b["opt"]], "max": [b["max"]]}
+    assert profile["timestep"] == {"min": [1], "opt": [b["max"]], "max": [b["max"]]}
     tokens = manifest_data["graphs"]["unet"]["inputs"][2]
     assert tokens["shape"][1] == "tile_height/8*tile_width/8"
     assert profile["tokens"]["min"][1] == (t["min"] // 8) ** 2 and profile["tokens"]["max"][1] == (t["max"] // 8) ** 2
@@ -152,7 +152,7 @@ def test_static_tile_and_max_batch(manifest_data):
         assert first["min"][1:] == first["max"][1:]  # fixed shapes but the batch
     n = manifest_data["dims"]["batch"]["max"]
     assert plan_settings(manifest_data, "adapter", BuildOptions(static=True))[1]["z_lr"] == {
-        "min": [1, c, tile, tile], "opt": [1, c, tile, tile], "max": [n, c, tile, tile]}
+        "min": [1, c, tile, tile], "opt": [n, c, tile, tile], "max": [n, c, tile, tile]}
     too_many = manifest_data["dims"]["batch"]["max"] + 1
     with pytest.raises(BuildError, match=f"--max-batch {too_many}"):
         plan_dims(manifest_data, "unet", max_batch=too_many)
@@ -232,7 +232,7 @@ def test_plan_records_in_the_manifest(engine_copy, manifest_data):
     records.set_plan(engine_copy, "unet", rec, records.timing_cache_name("10.3.0", GPU))
     data = json.loads((engine_copy / "manifest.json").read_text())
     stored = data["trt"]["plans"]["unet"]
-    assert data["trt"]["timing_cache"] == "trt/timing-10.3.0-sm8.9.cache"
+    assert data["trt"]["timing_cache"] == "trt/timing-10.3.0-NVIDIA-GeForce-RTX-4090-sm8.9.cache"
     for key in ("tensorrt", "gpu", "precision", "mode", "profile", "dims", "build", "source", "file", "bytes",
                 "sha256", "io_dtypes", "build_seconds", "built_at", "static"):
         assert key in stored, key
@@ -292,6 +292,41 @@ def test_manifest_update_is_atomic(engine_copy):
     assert target.read_bytes() == b"whole plan" and len(list((engine_copy / "trt").iterdir())) == 1
 
 
+def test_plans_and_rewritten_manifest_are_readable_by_others(engine_copy):
+    """The export makes engine directories readable by a service account; mkstemp's 0600 must
+    not survive into plans or manifest.json."""
+    old = os.umask(0o022)
+    try:
+        target = engine_copy / "trt" / "unet.plan"
+        records.write_atomic(target, lambda tmp: tmp.write_bytes(b"plan"))
+        records.update_manifest(engine_copy, lambda data: data.setdefault("trt", {}))
+    finally:
+        os.umask(old)
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    assert oct((engine_copy / "manifest.json").stat().st_mode & 0o777) == "0o644"
+
+
+def test_timing_cache_name_keys_on_the_gpu_model():
+    a = records.timing_cache_name("10.3.0", GpuInfo("NVIDIA GeForce RTX 4090", "8.9"))
+    b = records.timing_cache_name("10.3.0", GpuInfo("NVIDIA L4", "8.9"))  # same sm, another GPU
+    assert a != b and a == "trt/timing-10.3.0-NVIDIA-GeForce-RTX-4090-sm8.9.cache"
+
+
+def test_auto_backend_falls_back_to_ort_without_a_gpu(engine_copy, manifest_data, monkeypatch):
+    """Plans present and TensorRT importable, but no driver/GPU: `auto` runs onnxruntime."""
+    from deedsr.runtime import backends
+    from deedsr.runtime.backends import cuda, trt_api
+
+    rec, _ = make_record(engine_copy, "unet", manifest_data)
+    records.set_plan(engine_copy, "unet", rec)
+    monkeypatch.setattr(backends, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(trt_api, "import_tensorrt", lambda otherwise="": object())
+    monkeypatch.setattr(cuda, "_libcuda", lambda: None)  # no libcuda: no NVIDIA driver
+    backend = backends.open_backend(Manifest.load(engine_copy), "auto")
+    assert backend.name == "ort"
+    backend.close()
+
+
 # ------------------------------------------------------------------ without TensorRT / a GPU
 def one_error_line(output: str) -> str:
     lines = [ln for ln in output.strip().splitlines() if ln.strip()]
@@ -307,7 +342,7 @@ def test_build_engines_without_tensorrt_is_one_line_and_leaves_nothing(engine_co
     result = CliRunner().invoke(main, ["build-engines", str(engine_copy)])
     assert result.exit_code == 2
     line = one_error_line(result.output)
-    assert "TensorRT is not installed" in line and "pip install tensorrt" in line
+    assert "TensorRT is not installed" in line and "pip install tensorrt-cu12" in line and "tensorrt-cu13" in line
     assert not (engine_copy / "trt").exists() and (engine_copy / "manifest.json").read_bytes() == before
     # the same through `python -m engines`
     proc = subprocess.run([sys.executable, "-m", "deedsr.engines", str(engine_copy)], capture_output=True, text=True)
@@ -330,7 +365,7 @@ def test_trt_backend_without_tensorrt(engine_copy, manifest_data, photo, tmp_pat
     Image.fromarray(photo).save(src)
     result = CliRunner().invoke(main, ["upscale", str(src), "-o", str(tmp_path / "out"), "--engines",
                                        str(engine_copy), "--backend", "trt"])
-    assert result.exit_code == 2 and "pip install tensorrt" in one_error_line(result.output)
+    assert result.exit_code == 2 and "pip install tensorrt-cu12" in one_error_line(result.output)
     assert not (tmp_path / "out" / "lr.png").exists()
 
 
@@ -455,8 +490,10 @@ def test_static_plans_cuda_graphs_and_uncovered_tile(trt_static_dir, photo):
         plain.upscale(small, seed=0, steps=2)
     assert "\n" not in str(info.value)
     plain.close()
-    if importlib.util.find_spec("cuda") is None:
-        pytest.skip("CUDA graphs need cuda-python")
+    from deedsr.runtime.backends.cuda import cudart_graphs
+
+    if cudart_graphs() is None:  # the module the backend imports, not just a `cuda` package
+        pytest.skip("CUDA graphs need cuda-python's runtime module")
     graphs = Upscaler.from_engine_dir(trt_static_dir, backend="trt")
     assert graphs.backend.cuda_graphs
     first = graphs.upscale(photo, seed=3, steps=4)

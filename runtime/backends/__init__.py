@@ -10,8 +10,8 @@ the adapter's outputs on the device.
   onnxruntime-gpu is installed.
 - `trt`: TensorRT plans built by `deedsr-export build-engines` (trt.py; CUDA calls in cuda.py,
   TensorRT version differences in trt_api.py).
-- `auto`: trt when the engine directory has plans and tensorrt is importable, else ort with
-  GPU providers when present, else ort on the CPU.
+- `auto`: trt when the engine directory has plans, tensorrt imports and an NVIDIA GPU is
+  visible, else ort with GPU providers when present, else ort on the CPU.
 
 Nothing here imports onnxruntime or tensorrt until a backend is opened.
 """
@@ -103,6 +103,23 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+def trt_usable() -> bool:
+    """TensorRT imports (binding and native libraries) and the driver shows a GPU: what
+    `--backend auto` needs before it picks the plans over onnxruntime."""
+    if not tensorrt_available():
+        return False
+    from .cuda import gpu_identity
+    from .trt_api import import_tensorrt
+
+    try:
+        import_tensorrt()
+        gpu_identity()
+    except EngineError as e:
+        log.info("TensorRT plans present but not usable here (%s); using onnxruntime", e)
+        return False
+    return True
+
+
 def has_plans(manifest: Manifest) -> bool:
     folder = Path(manifest.root) / "trt"
     return "trt" in manifest.data or (folder.is_dir() and any(folder.glob("*.plan")))
@@ -136,7 +153,7 @@ def open_backend(manifest: Manifest, backend: str = "auto", precision: str = "au
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if has_plans(manifest) and tensorrt_available():
+        if has_plans(manifest) and trt_usable():
             backend = "trt"
         else:
             backend = "ort"

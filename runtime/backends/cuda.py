@@ -103,9 +103,14 @@ class Cudart:
         if ptr:
             self.lib.cudaFree(ctypes.c_void_p(ptr))
 
+    STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking
+
     def stream(self) -> int:
+        """A non-blocking stream: no implicit synchronisation with the legacy default stream,
+        which would invalidate a CUDA-graph capture when anything else touches that stream."""
         ptr = ctypes.c_void_p()
-        self.check(self.lib.cudaStreamCreate(ctypes.byref(ptr)), "cudaStreamCreate")
+        self.check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(ptr), ctypes.c_uint(self.STREAM_NON_BLOCKING)),
+                   "cudaStreamCreateWithFlags")
         return int(ptr.value)
 
     def destroy_stream(self, stream: int) -> None:

@@ -92,6 +92,18 @@ class _Capture:
     shapes: dict | None = None
 
 
+def _cuda_error(err) -> str:
+    return getattr(err, "name", None) or str(err)
+
+
+def _driver_hint(err) -> str:
+    """cuda-python 13 on a CUDA 12 driver (and JetPack) reports an insufficient driver."""
+    if "InsufficientDriver" in _cuda_error(err) or int(err) == 35:
+        return (" (this cuda-python needs a newer NVIDIA driver: pip install 'cuda-python>=12.4,<13' on CUDA 12 "
+                "drivers and JetPack 6)")
+    return ""
+
+
 class TrtBackend(Backend):
     name = "trt"
     on_device = True
@@ -353,10 +365,10 @@ class TrtBackend(Backend):
                 self._generation += 1
         set_context_memory(context, self._scratch.ptr, self._scratch.nbytes)
 
-    def _execute(self, plan: _Plan, context, addresses: Mapping[str, int]) -> None:
+    def _execute(self, plan: _Plan, context, addresses: Mapping[str, int], grow: bool = True) -> None:
         for name in plan.inputs + plan.outputs:
             context.set_tensor_address(name, int(addresses[name]))
-        self._bind_memory(plan, context)
+        self._bind_memory(plan, context, grow=grow)
         self._logger.errors.clear()
         if not context.execute_async_v3(self._stream):
             why = self._logger.last_error()
@@ -458,39 +470,35 @@ class TrtBackend(Backend):
     def _step_graph(self, plans, shapes, addresses) -> dict[str, tuple]:
         """Replay the captured CUDA graph for these input shapes, capturing it first (the
         capturing call runs the step normally, so its result is this call's result)."""
-        cudart = self._cudart
         key = tuple(sorted((n, tuple(s)) for n, s in shapes.items()))
         cap = self._captures.get(key)
         if cap is not None and cap.exec is not None and cap.generation == self._generation:
-            err = cudart.cudaGraphLaunch(cap.exec, self._stream)[0]
+            err = self._graph_call("cudaGraphLaunch", cap.exec, self._stream)[0]
             if int(err) != 0:
-                raise BackendError(f"CUDA graph launch failed ({err})")
+                raise BackendError(f"CUDA graph launch failed ({_cuda_error(err)}); set {ENV_CUDA_GRAPHS}=0 to run "
+                                   "without CUDA graphs")
             return cap.shapes
         if cap is None:
             if len(self._captures) >= MAX_CAPTURES:
                 return self._chain(plans, [p.context for p in plans], shapes, addresses)
             cap = self._captures[key] = _Capture([create_context(self._trt, p.engine) for p in plans])
         self._destroy_capture(cap)
-        out_shapes = self._chain(plans, cap.contexts, shapes, addresses)  # also the warm-up TensorRT asks for
-        for context in cap.contexts:  # every context on the final scratch buffer
+        out_shapes = self._chain(plans, cap.contexts, shapes, addresses)  # the step itself
+        # The first run may have grown (moved) the shared scratch buffer after earlier contexts
+        # were bound to the old one: re-point every context, then enqueue once more, because
+        # TensorRT finishes its per-shape and per-address setup in the first enqueue after a
+        # change, which must not be captured.
+        for context in cap.contexts:
             set_context_memory(context, self._scratch.ptr, self._scratch.nbytes)
+        for plan, context in zip(plans, cap.contexts):
+            self._execute(plan, context, addresses, grow=False)
         self._cuda.synchronize(self._stream, "denoising step on the GPU")
-        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        graph = None
         try:
-            err = cudart.cudaStreamBeginCapture(self._stream, mode)[0]
-            if int(err) != 0:
-                raise RuntimeError(f"begin capture: {err}")
-            ok = all(context.execute_async_v3(self._stream) for context in cap.contexts)
-            err, graph = cudart.cudaStreamEndCapture(self._stream)
-            if not ok or int(err) != 0:
-                raise RuntimeError(f"capture: {err if ok else self._logger.last_error()}")
-            err, exec_ = cudart.cudaGraphInstantiateWithFlags(graph, 0)
-            if int(err) != 0:
-                cudart.cudaGraphDestroy(graph)
-                raise RuntimeError(f"instantiate: {err}")
-        except Exception as e:
-            try:  # leave capture mode whatever happened
-                cudart.cudaStreamEndCapture(self._stream)
+            graph, exec_ = self._capture(cap.contexts)
+        except (BackendError, RuntimeError, TypeError, AttributeError) as e:
+            try:  # leave capture mode whatever happened, and drop a half-made graph
+                self._graph_call("cudaStreamEndCapture", self._stream)
             except Exception:
                 pass
             log.warning("CUDA graph capture failed (%s); running steps without CUDA graphs", e)
@@ -500,12 +508,44 @@ class TrtBackend(Backend):
         log.info("captured a CUDA graph for step inputs %s", dict(key))
         return out_shapes
 
+    def _capture(self, contexts) -> tuple:
+        """(graph, executable graph) of one enqueue of every context; no graph left on failure."""
+        cudart = self._cudart
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        err = self._graph_call("cudaStreamBeginCapture", self._stream, mode)[0]
+        if int(err) != 0:
+            raise BackendError(f"begin capture: {_cuda_error(err)}{_driver_hint(err)}")
+        ok = all(context.execute_async_v3(self._stream) for context in contexts)
+        err, graph = self._graph_call("cudaStreamEndCapture", self._stream)
+        if not ok or int(err) != 0:
+            if graph is not None and int(err) == 0:
+                self._graph_call("cudaGraphDestroy", graph)
+            raise BackendError(f"capture: {self._logger.last_error() if not ok else _cuda_error(err)}")
+        err, exec_ = self._graph_call("cudaGraphInstantiateWithFlags", graph, 0)
+        if int(err) != 0:
+            self._graph_call("cudaGraphDestroy", graph)
+            raise BackendError(f"instantiate: {_cuda_error(err)}")
+        return graph, exec_
+
+    def _graph_call(self, name: str, *args):
+        """A cuda-python runtime call; its exceptions (cuda-python 11.8/12.x raise RuntimeError or
+        TypeError for a missing driver entry point or an argument it cannot convert) become the
+        backend's one-line error."""
+        try:
+            return getattr(self._cudart, name)(*args)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise BackendError(f"cuda-python {name} failed ({first}); set {ENV_CUDA_GRAPHS}=0 to run without CUDA "
+                               "graphs") from None
+
     def _destroy_capture(self, cap: _Capture) -> None:
         if self._cudart is not None:
-            if cap.exec is not None:
-                self._cudart.cudaGraphExecDestroy(cap.exec)
-            if cap.graph is not None:
-                self._cudart.cudaGraphDestroy(cap.graph)
+            for name, handle in (("cudaGraphExecDestroy", cap.exec), ("cudaGraphDestroy", cap.graph)):
+                if handle is not None:
+                    try:
+                        getattr(self._cudart, name)(handle)
+                    except Exception:
+                        pass
         cap.exec = cap.graph = None
 
     # ------------------------------------------------------------------ misc

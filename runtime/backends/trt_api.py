@@ -10,14 +10,25 @@ from ..errors import EngineError
 log = logging.getLogger(__name__)
 
 
+INSTALL_HINT = ("pip install tensorrt-cu12 on CUDA 12 drivers or tensorrt-cu13 on CUDA 13 (plain `tensorrt` now "
+                "installs the CUDA 13 build), or JetPack's python3-libnvinfer")
+
+
 def import_tensorrt(otherwise: str = "or use --backend ort"):
     """The tensorrt module, or EngineError with what to install (ending in `otherwise`)."""
     try:
         import tensorrt
-    except ImportError:
-        raise EngineError("TensorRT is not installed: pip install tensorrt (x86-64/aarch64 with CUDA 12), "
-                          f"or use JetPack's python3-libnvinfer; {otherwise}") from None
-    except Exception as e:  # OSError and the like: libnvinfer or CUDA libraries not loadable
+    except ModuleNotFoundError as e:
+        if e.name in ("tensorrt", "tensorrt_bindings"):
+            raise EngineError(f"TensorRT is not installed: {INSTALL_HINT}; {otherwise}") from None
+        raise EngineError(f"TensorRT cannot be imported (module {e.name} is missing): reinstall it: "
+                          f"{INSTALL_HINT}; {otherwise}") from None
+    except ImportError as e:  # the binding is there, its native libraries (libnvinfer ...) are not
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EngineError(f"TensorRT's Python binding is installed but its libraries cannot be loaded ({first}): "
+                          "install the TensorRT libraries of the same version (pip install tensorrt-cu12 or "
+                          f"tensorrt-cu13, which bring libnvinfer; on JetPack apt install tensorrt); {otherwise}") from None
+    except Exception as e:  # OSError and the like: CUDA libraries not loadable
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EngineError(f"TensorRT cannot be loaded ({first[:200]}); check the CUDA and TensorRT "
                           f"libraries; {otherwise}") from None
