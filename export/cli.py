@@ -46,7 +46,7 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
     """Trace the learner, VAE, adapter and modulated UNet into ONNX graphs with a manifest."""
     if bool(checkpoint) == bool(preset):
         raise click.UsageError("give exactly one of --checkpoint DIR or --preset NAME")
-    from deedsr.runtime.contract import OPTIONAL_GRAPHS, REQUIRED_GRAPHS
+    from deedsr.runtime.contract import DENOISER, OPTIONAL_GRAPHS, REQUIRED_GRAPHS
     from tqdm import tqdm
 
     from deedsr.checkpoints import CheckpointError
@@ -57,7 +57,7 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
     start = time.perf_counter()
     try:
         model = _load(checkpoint, preset)
-        names = [*REQUIRED_GRAPHS, *(OPTIONAL_GRAPHS if fuse_denoiser else ())]
+        names = [*REQUIRED_GRAPHS, *(g for g in OPTIONAL_GRAPHS if fuse_denoiser or g != DENOISER)]
         with tqdm(total=len(names), desc="export", unit="graph", file=sys.stderr) as bar:
             def progress(name):
                 bar.set_postfix_str(name)

@@ -18,6 +18,7 @@ from deedsr.schedule import alphas_cumprod
 
 from . import onnx_io, trt_ops
 from .graphs import condition_names, graph_specs
+from .vae_tiling import VaeTiling
 
 MIN_OPSET, MAX_OPSET = 14, 17
 
@@ -30,7 +31,8 @@ def _round_up(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple
 
 
-def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_batch: int) -> dict:
+def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_batch: int,
+                 vae_window: int | None = None) -> dict:
     """min/opt/max of every named dimension, from LR side limits and the latent tile."""
     cfg = model.config
     scale, down, mult = cfg.upscale, cfg.latent_downscale, cfg.latent_multiple
@@ -50,6 +52,10 @@ def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_bat
     for name, rng in (("lr", lr), ("image", image), ("latent", latent), ("tile", tiles)):
         dims[f"{name}_height"] = dict(rng)
         dims[f"{name}_width"] = dict(rng)
+    if vae_window is not None:  # tiled VAE windows, latent units (runtime/vae_tiling.py)
+        window = {"min": min(latent["min"], vae_window), "opt": min(latent["opt"], vae_window), "max": vae_window}
+        dims["vae_tile_height"] = dict(window)
+        dims["vae_tile_width"] = dict(window)
     return dims
 
 
@@ -64,6 +70,7 @@ def export_engine_dir(
     max_size: int = 512,
     max_batch: int = 4,
     fuse_denoiser: bool = False,
+    vae_tiling: VaeTiling | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -79,7 +86,9 @@ def export_engine_dir(
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to replace it")
     tile = tile or model.config.sampler.tile
-    dims = compute_dims(model, tile, min_size, max_size, max_batch)
+    vae_tiling = vae_tiling or VaeTiling()
+    vae_tiling.check()
+    dims = compute_dims(model, tile, min_size, max_size, max_batch, vae_tiling.window)
     model = model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -90,6 +99,7 @@ def export_engine_dir(
             if progress:
                 progress(spec.name)
         manifest = build_manifest(model, dims, graphs, opset, tile)
+        manifest["vae_tiling"] = vae_tiling.manifest_entry(model)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _make_readable(tmp)
         if out.exists():

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .backends import Backend, open_backend
-from .contract import LEARNER, VAE_DECODER, VAE_ENCODER
+from .contract import LEARNER, VAE_DECODER, VAE_DECODER_TILED, VAE_ENCODER, VAE_ENCODER_TILED
 from .errors import InsufficientMemory, ShapeError, StepInfo
 from .imageops import (
     COLOR_FIXES,
@@ -35,6 +35,7 @@ from .imageops import (
 from .manifest import Manifest
 from .memory import available_memory, human_bytes
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
+from .vae_tiling import VaeTiling, run_vae_graph
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Upscaler:
         self.backend = backend
         self.memory_limit = memory_limit
         self.schedule = Schedule(manifest.alphas_cumprod, manifest.steps_offset)
+        self.vae_tiling = VaeTiling.from_manifest(manifest)  # None: an older directory, untiled VAE
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, backend: str = "auto", precision: str = "auto",
@@ -184,16 +186,21 @@ class Upscaler:
         lr = image.astype(np.float32) / 255.0
         conditions = self.backend.run(LEARNER, {"lr": _nchw(lr)}, m.conditions)
         up = _nchw(bicubic_upscale(pad_to_multiple(lr, m.image["pixel_multiple"]), self.scale))
-        z_lr = self.backend.run(VAE_ENCODER, {"image": up * 2 - 1})["latent"]
+        z_lr = self._vae(VAE_ENCODER_TILED, VAE_ENCODER, "image", "latent", up * 2 - 1)
         return Job(z_lr=z_lr, conditions=conditions, rng=np.random.Generator(np.random.PCG64(seed))), up
 
     def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions) -> np.ndarray:
-        decoded = self.backend.run(VAE_DECODER, {"latent": latent})["image"]
+        decoded = self._vae(VAE_DECODER_TILED, VAE_DECODER, "latent", "image", latent)
         sr = (np.clip(decoded, -1, 1) + 1) / 2
         sr = np.clip(color_fix(sr, up, opts.color_fix), 0, 1)
         h, w = size
         sr = sr[0].transpose(1, 2, 0)[: h * self.scale, : w * self.scale]
         return np.round(sr * 255.0).astype(np.uint8)
+
+    def _vae(self, tiled: str, untiled: str, in_name: str, out_name: str, x: np.ndarray) -> np.ndarray:
+        if self.vae_tiling is None:
+            return self.backend.run(untiled, {in_name: x})[out_name]
+        return run_vae_graph(self.backend, self.manifest, self.vae_tiling, tiled, x)
 
     def close(self) -> None:
         self.backend.close()
