@@ -38,11 +38,17 @@ class _ExportCommand(click.Command):
 @click.option("--max-size", default=512, show_default=True, type=int, help="Largest LR side in pixels.")
 @click.option("--max-batch", default=4, show_default=True, type=int, help="Most tiles per graph call.")
 @click.option("--fuse-denoiser", is_flag=True, help="Also write adapter+UNet as one 'denoiser' graph.")
+@click.option("--vae-tile", default=64, show_default=True, type=int,
+              help="Largest tiled-VAE core in latent pixels (x8 image pixels); the runtime may use smaller ones.")
+@click.option("--vae-tile-pad", default=8, show_default=True, type=int,
+              help="Context around each VAE tile core, latent pixels.")
+@click.option("--measure-memory/--no-measure-memory", default=True, show_default=True,
+              help="Measure each graph's working memory (fresh processes) for the runtime's memory model.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
 @click.option("--engines", "build_engines", is_flag=True,
               help="Then build TensorRT plans into OUT/trt (default settings; see build-engines --help).")
-def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser, force,
-         build_engines=False):
+def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser, vae_tile,
+         vae_tile_pad, measure_memory, force, build_engines=False):
     """Trace the learner, VAE, adapter and modulated UNet into ONNX graphs with a manifest."""
     if bool(checkpoint) == bool(preset):
         raise click.UsageError("give exactly one of --checkpoint DIR or --preset NAME")
@@ -52,6 +58,7 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
     from deedsr.checkpoints import CheckpointError
 
     from .engine_dir import ExportError, export_engine_dir
+    from .vae_tiling import VaeTiling
 
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())
     start = time.perf_counter()
@@ -61,11 +68,13 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
         with tqdm(total=len(names), desc="export", unit="graph", file=sys.stderr) as bar:
             def progress(name):
                 bar.set_postfix_str(name)
-                bar.update(1)
+                if not name.startswith("memory"):
+                    bar.update(1)
 
             path = export_engine_dir(
                 model, out, precisions=precisions, opset=opset, tile=tile, min_size=min_size,
                 max_size=max_size, max_batch=max_batch, fuse_denoiser=fuse_denoiser, force=force,
+                vae_tiling=VaeTiling(core=vae_tile, pad=vae_tile_pad), measure_memory=measure_memory,
                 progress=progress,
             )
     except (CheckpointError, ExportError) as e:

@@ -71,6 +71,7 @@ def export_engine_dir(
     max_batch: int = 4,
     fuse_denoiser: bool = False,
     vae_tiling: VaeTiling | None = None,
+    measure_memory: bool = False,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -101,6 +102,11 @@ def export_engine_dir(
         manifest = build_manifest(model, dims, graphs, opset, tile)
         manifest["vae_tiling"] = vae_tiling.manifest_entry(model)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if measure_memory:  # the runtime's memory model reads these (runtime/memory_model.py)
+            from .memory import measure
+
+            manifest["memory"] = measure(tmp, precisions, fuse_denoiser, progress=progress)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -16,6 +16,7 @@ as two sequential calls.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ from .imageops import (
 )
 from .manifest import Manifest
 from .memory import available_memory, human_bytes
+from .memory_model import MemoryModel, Plan, choose_plan, fits_message
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
 from .vae_tiling import VaeTiling, run_vae_graph
 
@@ -46,6 +48,7 @@ class Upscaler:
         self.memory_limit = memory_limit
         self.schedule = Schedule(manifest.alphas_cumprod, manifest.steps_offset)
         self.vae_tiling = VaeTiling.from_manifest(manifest)  # None: an older directory, untiled VAE
+        self.memory_model = MemoryModel(manifest, backend.precision, backend.use_denoiser)
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, backend: str = "auto", precision: str = "auto",
@@ -105,7 +108,48 @@ class Upscaler:
         return opts
 
     # ------------------------------------------------------------ shape + memory
-    def estimate_memory(self, height: int, width: int) -> int:
+    def estimate_memory(self, height: int, width: int, tile: int | None = None, vae_tile: int | None = None) -> int:
+        """Peak resident bytes to upscale an LR image of height x width (memory_model.py), with
+        the VAE tile `check` would choose unless given."""
+        if self._measured_memory():
+            return self.plan(height, width, tile, vae_tile, limit=None).bytes
+        return self._rough_estimate(height, width)
+
+    def _measured_memory(self) -> bool:
+        return self.memory_model.measured and not self.backend.on_device
+
+    def plan(self, height: int, width: int, tile: int | None = None, vae_tile: int | None = None,
+             limit: int | None = None) -> Plan:
+        """Tile settings for one image and the peak they need; InsufficientMemory when even the
+        smallest VAE tiles need more than `limit` (default: the memory this process may use)."""
+        tile = int(self.manifest.sampler["tile"] if tile is None else tile)
+        if not self._measured_memory():
+            core = None if self.vae_tiling is None else self.vae_tiling.core
+            return Plan(core if vae_tile is None else vae_tile, tile, self.max_batch,
+                        self._rough_estimate(height, width), {})
+        limit = self._limit() if limit is None else limit
+        try:
+            return choose_plan(self.memory_model, height, width, tile, self.max_batch, limit, vae_tile)
+        except MemoryError as e:
+            need = int(e.args[0])
+            s = self.scale
+            hint = fits_message(self.memory_model, height, width, tile, self.max_batch, limit)
+            raise InsufficientMemory(
+                f"image is {width}x{height}: upscaling to {width * s}x{height * s} needs about {human_bytes(need)} "
+                f"even with the smallest VAE tiles, only {human_bytes(limit)} may be used; {hint} "
+                "(or raise --memory-limit / DEEDSR_MEMORY_LIMIT)") from None
+
+    def _limit(self) -> int | None:
+        """Bytes the whole process may peak at: --memory-limit / $DEEDSR_MEMORY_LIMIT, else what
+        it holds now plus the machine's available memory (which does not count this process)."""
+        if self.memory_limit is not None:
+            return self.memory_limit
+        if os.environ.get("DEEDSR_MEMORY_LIMIT"):
+            return available_memory()
+        free = available_memory()
+        return None if free is None else free + _rss()
+
+    def _rough_estimate(self, height: int, width: int) -> int:
         """Rough peak bytes to upscale an LR image of height x width, beyond what is resident:
         the VAE decoder's largest activations at 4x size (the last upsampling's input and output
         maps plus the last block's), host copies of the x4 image, and graphs still to load."""
@@ -129,14 +173,16 @@ class Upscaler:
         if min(height, width) < 8:
             raise ShapeError(f"image is {width}x{height}; each side must be at least 8 pixels")
         try:
-            env = self.manifest.image_dims(height, width)
+            env = self._image_dims(height, width)
             tile = int(self.manifest.sampler["tile"] if tile is None else tile)
             self.manifest.check_tile(tile)
             env.update(self.manifest.tile_dims(min(tile, env["latent_height"]), min(tile, env["latent_width"])))
             self.backend.check_shapes(env)
         except ShapeError as e:
             raise ShapeError(f"image is {width}x{height}: {e}") from None
-        need = self.estimate_memory(height, width)
+        if self._measured_memory():
+            return self.plan(height, width, tile).bytes
+        need = self._rough_estimate(height, width)
         limit = self.memory_limit if self.memory_limit is not None else available_memory()
         if limit is not None and need > limit:
             s = self.scale
@@ -144,6 +190,16 @@ class Upscaler:
                 f"image is {width}x{height}: upscaling to {width * s}x{height * s} needs about "
                 f"{human_bytes(need)}, only {human_bytes(limit)} is available; use a smaller image")
         return need
+
+    def _image_dims(self, height: int, width: int) -> dict[str, int]:
+        """Named dimensions checked against the export's ranges; with the tiled VAE only the
+        learner sees the whole image, so only the LR range applies."""
+        if self.vae_tiling is None:
+            return self.manifest.image_dims(height, width)
+        for name, value in (("lr_height", height), ("lr_width", width)):
+            self.manifest.check_dim(name, value)
+        lh, lw = self.manifest.latent_size(height, width)
+        return {"batch": 1, "lr_height": height, "lr_width": width, "latent_height": lh, "latent_width": lw}
 
     # ----------------------------------------------------------------- upscaling
     def upscale(self, image: np.ndarray, seed: int = 0, steps: int | None = None, eta: float | None = None,
@@ -165,45 +221,63 @@ class Upscaler:
         if len(seeds) != len(images):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         opts = self.options(**overrides)
+        vae = []
         for image in images:
             check_image(image)
             self.check(image.shape[0], image.shape[1], opts.tile)
+            vae.append(self._vae_tiling(image.shape[0], image.shape[1], opts.tile))
         started = time.perf_counter()
-        prepared = [self._prepare(image, seed) for image, seed in zip(images, seeds)]
+        prepared = [self._prepare(image, seed, v) for image, seed, v in zip(images, seeds, vae)]
         log.info("per-image graphs: %.3f s", time.perf_counter() - started)
         started = time.perf_counter()
         latents = sample(self.backend.denoise, [job for job, _ in prepared], self.schedule, opts,
                          self.max_batch, callback)
         log.info("%d steps: %.3f s", opts.steps, time.perf_counter() - started)
         started = time.perf_counter()
-        out = [self._finish(latent, up, image.shape[:2], opts)
-               for latent, (_, up), image in zip(latents, prepared, images)]
+        out = [self._finish(latent, up, image.shape[:2], opts, v)
+               for latent, (_, up), image, v in zip(latents, prepared, images, vae)]
         log.info("decode: %.3f s", time.perf_counter() - started)
         return out
 
-    def _prepare(self, image: np.ndarray, seed: int) -> tuple[Job, np.ndarray]:
+    def _vae_tiling(self, height: int, width: int, tile: int) -> VaeTiling | None:
+        if self.vae_tiling is None:
+            return None
+        return self.vae_tiling.with_core(self.plan(height, width, tile).vae_core)
+
+    def _prepare(self, image: np.ndarray, seed: int, vae: VaeTiling | None = None) -> tuple[Job, np.ndarray]:
         m = self.manifest
         lr = image.astype(np.float32) / 255.0
         conditions = self.backend.run(LEARNER, {"lr": _nchw(lr)}, m.conditions)
         up = _nchw(bicubic_upscale(pad_to_multiple(lr, m.image["pixel_multiple"]), self.scale))
-        z_lr = self._vae(VAE_ENCODER_TILED, VAE_ENCODER, "image", "latent", up * 2 - 1)
+        z_lr = self._vae(VAE_ENCODER_TILED, VAE_ENCODER, "image", "latent", up * 2 - 1, vae)
         return Job(z_lr=z_lr, conditions=conditions, rng=np.random.Generator(np.random.PCG64(seed))), up
 
-    def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions) -> np.ndarray:
-        decoded = self._vae(VAE_DECODER_TILED, VAE_DECODER, "latent", "image", latent)
+    def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions,
+                vae: VaeTiling | None = None) -> np.ndarray:
+        decoded = self._vae(VAE_DECODER_TILED, VAE_DECODER, "latent", "image", latent, vae)
         sr = (np.clip(decoded, -1, 1) + 1) / 2
         sr = np.clip(color_fix(sr, up, opts.color_fix), 0, 1)
         h, w = size
         sr = sr[0].transpose(1, 2, 0)[: h * self.scale, : w * self.scale]
         return np.round(sr * 255.0).astype(np.uint8)
 
-    def _vae(self, tiled: str, untiled: str, in_name: str, out_name: str, x: np.ndarray) -> np.ndarray:
-        if self.vae_tiling is None:
+    def _vae(self, tiled: str, untiled: str, in_name: str, out_name: str, x: np.ndarray,
+             vae: VaeTiling | None) -> np.ndarray:
+        vae = vae or self.vae_tiling
+        if vae is None:
             return self.backend.run(untiled, {in_name: x})[out_name]
-        return run_vae_graph(self.backend, self.manifest, self.vae_tiling, tiled, x)
+        return run_vae_graph(self.backend, self.manifest, vae, tiled, x)
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _nchw(hwc: np.ndarray) -> np.ndarray:
