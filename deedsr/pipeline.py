@@ -25,6 +25,7 @@ from .runtime.imageops import bicubic_upscale, check_image, pad_to_multiple
 from .runtime.sampler import INITS
 from .runtime.tiling import gaussian_weights, tiles
 from .schedule import make_scheduler
+from .vae_tiling import TiledVae
 
 __all__ = ["Cancelled", "DeeDSRPipeline", "StepInfo", "latent_shape"]
 
@@ -36,6 +37,7 @@ class DeeDSRPipeline:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.config = model.config
+        self.vae = TiledVae(self.model)  # the runtime's tile layout and statistics passes
 
     def sampler_config(self, **overrides) -> SamplerConfig:
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -69,12 +71,12 @@ class DeeDSRPipeline:
         pixel_multiple = self.config.latent_multiple * self.config.latent_downscale // scale
         upscaled = bicubic_upscale(pad_to_multiple(lr, pixel_multiple), scale)
         up = self._to_tensor(upscaled)
-        z_lr = model.encode(up * 2 - 1)
+        z_lr = self.vae.encode(up * 2 - 1)
         d = model.learner(self._to_tensor(lr))
         conditions = model.adapter.condition(d)
 
         latent = self.sample(z_lr, conditions, cfg, rng, callback)
-        sr = (model.decode(latent).clamp(-1, 1) + 1) / 2
+        sr = (self.vae.decode(latent).clamp(-1, 1) + 1) / 2
         sr = color_fix(sr, up, cfg.color_fix).clamp(0, 1)
         sr = sr[0].permute(1, 2, 0).cpu().numpy()[: h * scale, : w * scale]
         return np.round(sr * 255.0).astype(np.uint8)

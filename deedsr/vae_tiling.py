@@ -8,14 +8,13 @@ normalise with given statistics and report their input's moments over the tile's
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime.vae_tiling import run_tiled
+from .runtime.contract import VAE_DECODER_TILED, VAE_ENCODER_TILED
+from .runtime.vae_tiling import DEFAULT_CORE, DEFAULT_PAD, DEFAULT_PASSES, run_tiled
 
 
 class _TileContext:
@@ -59,7 +58,10 @@ class StatsGroupNorm(nn.Module):
 
 
 class TiledVaePart(nn.Module):
-    """One half of the VAE as a tile graph: (x, mask, stats, own) -> (y, moments)."""
+    """One half of the VAE as a tile graph: (x, mask, stats, own) -> (y, moments).
+
+    It shares the model's modules and weights (no copy: sd21-base's VAE is 335 MB): the
+    GroupNorms are swapped for StatsGroupNorms only for the duration of a call."""
 
     def __init__(self, model, part: str):
         super().__init__()
@@ -68,38 +70,49 @@ class TiledVaePart(nn.Module):
         self.part = part
         self.scaling_factor = model.scaling_factor
         self.down = 2 ** (len(model.config.vae["block_out_channels"]) - 1)
-        vae = copy.deepcopy(model.vae)
+        vae = model.vae
         self.context = _TileContext()
         if part == "encoder":
             self.body, self.conv = vae.encoder, vae.quant_conv
         else:
             self.body, self.conv = vae.decoder, vae.post_quant_conv
-        self.norms = self._swap(vae)
+        self._swaps = self._find_norms(vae.config.latent_channels)
+        self.norms = len(self._swaps)
         self.groups = int(model.config.vae.get("norm_num_groups", 32))
         self.latent_channels = int(model.config.vae["latent_channels"])
 
-    def _swap(self, vae) -> int:
+    def _find_norms(self, latent_channels: int) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]:
+        """(parent, attribute, GroupNorm, StatsGroupNorm) in forward-call order (declaration
+        order differs from call order in diffusers' blocks)."""
         norms = [(name, m) for name, m in self.body.named_modules() if isinstance(m, nn.GroupNorm)]
         seen: list[nn.Module] = []
         hooks = [m.register_forward_hook(lambda m, i, o: seen.append(m)) for _, m in norms]
         probe = (torch.zeros(1, 3, self.down * 2, self.down * 2) if self.part == "encoder"
-                 else torch.zeros(1, vae.config.latent_channels, 2, 2))
-        with torch.no_grad():
-            self.body(probe)
-        for h in hooks:
-            h.remove()
+                 else torch.zeros(1, latent_channels, 2, 2))
+        try:
+            with torch.no_grad():
+                self.body(probe.to(next(self.body.parameters()).device))
+        finally:
+            for h in hooks:
+                h.remove()
         if len(seen) != len(norms) or len(set(map(id, seen))) != len(seen):
             raise ValueError(f"VAE {self.part}: every GroupNorm must run exactly once per forward")
         names = {id(m): name for name, m in norms}
+        swaps = []
         for index, norm in enumerate(seen):
             name = names[id(norm)]
             parent = self.body.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.body
-            setattr(parent, name.rsplit(".", 1)[-1], StatsGroupNorm(norm, index, self.context))
-        return len(seen)
+            swaps.append((parent, name.rsplit(".", 1)[-1], norm, StatsGroupNorm(norm, index, self.context)))
+        return swaps
+
+    def _swap(self, tiled: bool) -> None:
+        for parent, attr, norm, stats_norm in self._swaps:
+            parent._modules[attr] = stats_norm if tiled else norm
 
     def forward(self, x, mask, stats, own):
         ctx = self.context
         ctx.mask, ctx.stats, ctx.own, ctx.moments = mask, stats, own, []
+        self._swap(True)
         try:
             if self.part == "encoder":
                 h = self.conv(self.body(x))
@@ -108,6 +121,7 @@ class TiledVaePart(nn.Module):
                 y = self.body(self.conv(x / self.scaling_factor))
             return y, torch.stack(ctx.moments, dim=1)
         finally:
+            self._swap(False)
             ctx.mask = ctx.stats = ctx.own = None
             ctx.moments = []
 
@@ -115,11 +129,13 @@ class TiledVaePart(nn.Module):
 class TiledVae:
     """The reference's tiled encode/decode over numpy-layout tiles (runtime/vae_tiling.py)."""
 
-    def __init__(self, model, core: int, pad: int, passes: int):
+    def __init__(self, model, core: int = DEFAULT_CORE, pad: int = DEFAULT_PAD,
+                 passes: tuple[int, int] = (DEFAULT_PASSES[VAE_ENCODER_TILED], DEFAULT_PASSES[VAE_DECODER_TILED])):
         self.encoder = TiledVaePart(model, "encoder").eval()
         self.decoder = TiledVaePart(model, "decoder").eval()
         self.down = self.encoder.down
-        self.core, self.pad, self.passes = core, pad, passes
+        self.core, self.pad = core, pad
+        self.passes = {self.encoder: passes[0], self.decoder: passes[1]}
 
     def _runner(self, part: TiledVaePart, device):
         def run(x, mask, stats, own):
@@ -131,7 +147,8 @@ class TiledVae:
     def _run(self, part: TiledVaePart, x: torch.Tensor, latent_hw, in_scale, out_scale, channels):
         out = run_tiled(self._runner(part, x.device), x.detach().cpu().numpy().astype(np.float32),
                         latent_hw=latent_hw, in_scale=in_scale, out_scale=out_scale, out_channels=channels,
-                        norms=part.norms, groups=part.groups, core=self.core, pad=self.pad, passes=self.passes)
+                        norms=part.norms, groups=part.groups, core=self.core, pad=self.pad,
+                         passes=self.passes[part])
         return torch.from_numpy(out).to(x.device)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:

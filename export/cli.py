@@ -35,13 +35,14 @@ class _ExportCommand(click.Command):
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14..17; TensorRT 8.5 parses <= 17).")
 @click.option("--tile", type=int, help="Latent tile side the per-step graphs are built for (default: the model's).")
 @click.option("--min-size", default=16, show_default=True, type=int, help="Smallest LR side in pixels.")
-@click.option("--max-size", default=512, show_default=True, type=int, help="Largest LR side in pixels.")
+@click.option("--max-size", default=2048, show_default=True, type=int,
+              help="Largest LR side in pixels (the learner sees the whole LR; the VAE and UNet see tiles).")
 @click.option("--max-batch", default=4, show_default=True, type=int, help="Most tiles per graph call.")
 @click.option("--fuse-denoiser", is_flag=True, help="Also write adapter+UNet as one 'denoiser' graph.")
-@click.option("--vae-tile", default=64, show_default=True, type=int,
-              help="Largest tiled-VAE core in latent pixels (x8 image pixels); the runtime may use smaller ones.")
-@click.option("--vae-tile-pad", default=8, show_default=True, type=int,
-              help="Context around each VAE tile core, latent pixels.")
+@click.option("--vae-tile", type=int,
+              help="Largest tiled-VAE core in latent pixels (x8 image pixels; default 64); the runtime may use "
+                   "smaller ones to fit memory.")
+@click.option("--vae-tile-pad", type=int, help="Context around each VAE tile core, latent pixels (default 8).")
 @click.option("--measure-memory/--no-measure-memory", default=True, show_default=True,
               help="Measure each graph's working memory (fresh processes) for the runtime's memory model.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
@@ -74,7 +75,7 @@ def main(checkpoint, preset, out, precision, opset, tile, min_size, max_size, ma
             path = export_engine_dir(
                 model, out, precisions=precisions, opset=opset, tile=tile, min_size=min_size,
                 max_size=max_size, max_batch=max_batch, fuse_denoiser=fuse_denoiser, force=force,
-                vae_tiling=VaeTiling(core=vae_tile, pad=vae_tile_pad), measure_memory=measure_memory,
+                vae_tiling=VaeTiling(**{k: v for k, v in (("core", vae_tile), ("pad", vae_tile_pad)) if v is not None}), measure_memory=measure_memory,
                 progress=progress,
             )
     except (CheckpointError, ExportError) as e:

@@ -56,6 +56,13 @@ def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_bat
         window = {"min": min(latent["min"], vae_window), "opt": min(latent["opt"], vae_window), "max": vae_window}
         dims["vae_tile_height"] = dict(window)
         dims["vae_tile_width"] = dict(window)
+        # With the tiled VAE the untiled VAE graphs serve only images within one window: their
+        # ranges stop there, so that no TensorRT profile asks for a whole-photo attention.
+        for name, cap in (("latent", vae_window), ("image", vae_window * down)):
+            for side in ("height", "width"):
+                rng = dims[f"{name}_{side}"]
+                rng["max"] = max(min(rng["max"], cap), rng["min"])
+                rng["opt"] = min(rng["opt"], rng["max"])
     return dims
 
 

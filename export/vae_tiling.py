@@ -4,22 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deedsr.runtime.contract import VAE_DECODER_TILED, VAE_ENCODER_TILED
-from deedsr.runtime.vae_tiling import max_window
+from deedsr.runtime.vae_tiling import DEFAULT_CORE, DEFAULT_PAD, DEFAULT_PASSES, max_window
 
 
 @dataclass
 class VaeTiling:
     """core/pad in latent pixels (x8 image pixels); passes: see runtime/vae_tiling.py.
 
-    Defaults measured on the demo VAE (benchmarks/bench_vae_tiling.py, 256 px astronaut, core 16,
-    pad 8): tiled vs untiled PSNR of the encoder's latent 47.8 / 57.0 / 64.2 dB after 2 / 3 / 4
-    passes; of the decoder's image 33.5 / 39.6 / 43.8 / 42.8 dB after 2 / 3 / 4 / 5 (the floor
-    is the mid-block attention seeing only its tile)."""
+    Defaults: runtime/vae_tiling.py (measured there)."""
 
-    core: int = 64
-    pad: int = 8
-    encoder_passes: int = 3
-    decoder_passes: int = 4
+    core: int = DEFAULT_CORE
+    pad: int = DEFAULT_PAD
+    encoder_passes: int = DEFAULT_PASSES[VAE_ENCODER_TILED]
+    decoder_passes: int = DEFAULT_PASSES[VAE_DECODER_TILED]
 
     @property
     def window(self) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from deedsr.runtime.contract import ADAPTER, LEARNER, UNET, VAE_DECODER_TILED, VAE_ENCODER_TILED
 from deedsr.runtime.errors import Cancelled, EngineError, InsufficientMemory, ShapeError
 from deedsr.runtime.upscaler import Upscaler
 from PIL import Image
@@ -111,11 +112,11 @@ def test_noise_guided_steps_do_not_call_the_unet(engines, photo):
     upscaler = Upscaler.from_engine_dir(engines, backend="ort", precision="fp32", use_denoiser=False)
     calls = count_graph_calls(upscaler)
     upscaler.upscale(photo, steps=4, noise_guidance_steps=(0, 2))
-    # two model steps, four tiles each, one call each (max batch 4)
-    assert calls == Counter(degradation_learner=1, vae_encoder=1, vae_decoder=1, adapter=2, unet=2)
+    # two model steps, four tiles each, one call each (max batch 4); the VAE in one tile each way
+    assert calls == Counter({LEARNER: 1, VAE_ENCODER_TILED: 1, VAE_DECODER_TILED: 1, ADAPTER: 2, UNET: 2})
     calls.clear()
     upscaler.upscale(photo, steps=3, noise_guidance_steps=(0, 1, 2))
-    assert calls["unet"] == 0 and calls["adapter"] == 0 and calls["vae_decoder"] == 1
+    assert calls[UNET] == 0 and calls[ADAPTER] == 0 and calls[VAE_DECODER_TILED] == 1
 
 
 def test_batch_threads_and_cancel(runtime_fp32, photo):
