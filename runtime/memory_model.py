@@ -148,3 +148,9 @@ def choose_plan(model: MemoryModel, height: int, width: int, tile: int, batch: i
         if limit is None or plan.bytes <= limit:
             return plan
     raise MemoryError(plan.bytes)
+
+
+def batch_bytes(plans: list[Plan]) -> int:
+    """Peak of images sampled together: the largest single-image peak plus the others' host arrays."""
+    top = max(plans, key=lambda p: p.bytes)
+    return top.bytes + sum(p.parts.get("host", 0) for p in plans if p is not top)

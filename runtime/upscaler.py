@@ -35,7 +35,7 @@ from .imageops import (
 )
 from .manifest import Manifest
 from .memory import available_memory, human_bytes
-from .memory_model import MemoryModel, Plan, choose_plan, fits_message
+from .memory_model import MemoryModel, Plan, batch_bytes, choose_plan, fits_message
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
 from .vae_tiling import VaeTiling, run_vae_graph
 
@@ -226,6 +226,8 @@ class Upscaler:
             check_image(image)
             self.check(image.shape[0], image.shape[1], opts.tile)
             vae.append(self._vae_tiling(image.shape[0], image.shape[1], opts.tile))
+        if len(images) > 1:
+            self._check_batch([image.shape[:2] for image in images], opts.tile)
         started = time.perf_counter()
         prepared = [self._prepare(image, seed, v) for image, seed, v in zip(images, seeds, vae)]
         log.info("per-image graphs: %.3f s", time.perf_counter() - started)
@@ -238,6 +240,17 @@ class Upscaler:
                for latent, (_, up), image, v in zip(latents, prepared, images, vae)]
         log.info("decode: %.3f s", time.perf_counter() - started)
         return out
+
+    def _check_batch(self, sizes: list[tuple[int, int]], tile: int) -> None:
+        """Images sampled together hold their host arrays at once (the graphs run one at a time)."""
+        if not self._measured_memory():
+            return
+        plans = [self.plan(h, w, tile) for h, w in sizes]
+        need = batch_bytes(plans)
+        limit = self._limit()
+        if limit is not None and need > limit:
+            raise InsufficientMemory(f"{len(sizes)} images together need about {human_bytes(need)}, only "
+                                     f"{human_bytes(limit)} may be used; upscale them one at a time")
 
     def _vae_tiling(self, height: int, width: int, tile: int) -> VaeTiling | None:
         if self.vae_tiling is None:

@@ -166,11 +166,12 @@ def test_incomplete_or_foreign_engine_directories(engines, tmp_path):
     with pytest.raises(EngineError) as e:
         Upscaler.from_engine_dir(foreign)
     assert str(e.value) == f"{foreign}/manifest.json: schema version 2, this runtime reads 1"
-    garbage = _copy(engines, tmp_path / "garbage", skip={"fp32/vae_encoder.onnx"})
-    size = (engines / "fp32" / "vae_encoder.onnx").stat().st_size
-    (garbage / "fp32" / "vae_encoder.onnx").write_bytes(b"\0" * size)
+    encoder = f"fp32/{VAE_ENCODER_TILED}.onnx"  # the graph the runtime encodes with
+    garbage = _copy(engines, tmp_path / "garbage", skip={encoder})
+    size = (engines / encoder).stat().st_size
+    (garbage / encoder).write_bytes(b"\0" * size)
     upscaler = Upscaler.from_engine_dir(garbage, precision="fp32")
-    with pytest.raises(EngineError, match="vae_encoder.onnx: onnxruntime cannot load it"):
+    with pytest.raises(EngineError, match=f"{VAE_ENCODER_TILED}.onnx: onnxruntime cannot load it"):
         upscaler.upscale(np.zeros((16, 16, 3), np.uint8), steps=1)
     with pytest.raises(EngineError, match="TensorRT"):  # no plans here, and no TensorRT
         Upscaler.from_engine_dir(engines, backend="trt")
