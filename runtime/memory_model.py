@@ -23,10 +23,11 @@ from .contract import LEARNER, VAE_DECODER, VAE_DECODER_TILED, VAE_ENCODER, VAE_
 from .tiling import tiles as latent_tiles
 from .vae_tiling import vae_tiles
 
-# float32 arrays alive at the peak (colour fix at the end): the x4 image, the decoded image and
-# the colour fix's temporaries, ~14 x4-image copies of 3 x 16 x 4 bytes per LR pixel; fitted
-# to measured peaks on the demo engines (LR 256..1024), see benchmarks/bench_memory.py.
-HOST_BYTES_PER_LR_PIXEL = 2700
+# Host arrays alive at the peak (the x4 image, the decoded image, the colour fix's float64
+# temporaries of one channel), per LR pixel; fitted to peaks measured on the demo engines with
+# benchmarks/bench_memory.py (peak - resident - largest working set: 3.2 KB/px at 512x512,
+# 2.1 KB/px at 1024x768; 2400 keeps both within +-15 %).
+HOST_BYTES_PER_LR_PIXEL = 2400
 SMALLEST_VAE_CORE = 8
 
 
@@ -82,10 +83,8 @@ class MemoryModel:
         f = self._fits.get(graph)
         return int(f(n)) if f else 0
 
-    def plan(self, height: int, width: int, tile: int, vae_core: int | None, batch: int,
-             resident: int | None = None) -> Plan:
-        """Bytes for an LR image of height x width with these settings. `resident`: what the
-        caller already holds (default: the measured resident set of all graphs)."""
+    def plan(self, height: int, width: int, tile: int, vae_core: int | None, batch: int) -> Plan:
+        """Bytes at the peak for an LR image of height x width with these settings."""
         m = self.manifest
         lh, lw = m.latent_size(height, width)
         th, tw = min(tile, lh), min(tile, lw)
@@ -103,10 +102,8 @@ class MemoryModel:
                 sizes[g] = batch * th * tw
         working = {g: self.working(g, n) for g, n in sizes.items()}
         host = HOST_BYTES_PER_LR_PIXEL * height * width
-        base = self.resident if resident is None else resident
-        total = (base or 0) + max(working.values()) + host
-        if self.load_peak is not None and resident is None:
-            total = max(total, self.load_peak + host // 4)
+        base = max(self.resident or 0, self.load_peak or 0)  # loading may pass the settled resident set
+        total = base + max(working.values()) + host
         return Plan(vae_core, tile, batch, int(total), {"resident": base, "host": host, **working})
 
     def vae_cores(self) -> list[int]:
@@ -119,15 +116,14 @@ class MemoryModel:
         return sorted(set(cores), reverse=True)
 
 
-def fits_message(model: MemoryModel, height: int, width: int, tile: int, batch: int, limit: int,
-                 resident: int | None = None) -> str:
+def fits_message(model: MemoryModel, height: int, width: int, tile: int, batch: int, limit: int) -> str:
     """'the largest WxH of this shape that fits is about ...' for a refusal."""
     core = model.vae_cores()[-1]
     lo, hi = 0.0, 1.0
     for _ in range(20):
         mid = (lo + hi) / 2
         h, w = max(int(height * mid), 8), max(int(width * mid), 8)
-        if model.plan(h, w, tile, core, batch, resident).bytes <= limit:
+        if model.plan(h, w, tile, core, batch).bytes <= limit:
             lo = mid
         else:
             hi = mid
@@ -138,13 +134,13 @@ def fits_message(model: MemoryModel, height: int, width: int, tile: int, batch: 
 
 
 def choose_plan(model: MemoryModel, height: int, width: int, tile: int, batch: int, limit: int | None,
-                vae_core: int | None = None, resident: int | None = None) -> Plan:
+                vae_core: int | None = None) -> Plan:
     """The largest VAE tile (fastest) whose peak stays under `limit`; raises ValueError with
     the need when none does (the caller words the refusal)."""
     cores = [vae_core] if vae_core is not None else model.vae_cores()
     plan = None
     for core in cores:
-        plan = model.plan(height, width, tile, core, batch, resident)
+        plan = model.plan(height, width, tile, core, batch)
         if limit is None or plan.bytes <= limit:
             return plan
     raise MemoryError(plan.bytes)
