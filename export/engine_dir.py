@@ -112,7 +112,9 @@ def export_engine_dir(
         if measure_memory:  # the runtime's memory model reads these (runtime/memory_model.py)
             from .memory import measure
 
-            manifest["memory"] = measure(tmp, precisions, fuse_denoiser, progress=progress)
+            # fp32 is what runs on a CPU, where host memory is the limit (fp16 only when alone)
+            measured = [p for p in precisions if p == "fp32"] or list(precisions)
+            manifest["memory"] = measure(tmp, measured, fuse_denoiser, progress=progress)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _make_readable(tmp)
         if out.exists():
