@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -109,7 +110,9 @@ def export_engine_dir(
         manifest = build_manifest(model, dims, graphs, opset, tile)
         manifest["vae_tiling"] = vae_tiling.manifest_entry(model)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if measure_memory:  # the runtime's memory model reads these (runtime/memory_model.py)
+        # The runtime's memory model reads these (runtime/memory_model.py); the probes read
+        # Linux's /proc (elsewhere the runtime falls back to its rough estimate).
+        if measure_memory and sys.platform.startswith("linux"):
             from .memory import measure
 
             # fp32 is what runs on a CPU, where host memory is the limit (fp16 only when alone)
