@@ -67,7 +67,8 @@ def open_torch(checkpoint: str | None, preset: str | None, threads: int | None):
         raise UsageError(str(e)) from None
 
 
-def open_runtime(backend: str, engines: str | None, precision: str, threads: int | None):
+def open_runtime(backend: str, engines: str | None, precision: str, threads: int | None,
+                 memory_limit: int | None = None):
     from .runtime.demo import built_demo_engine_dir
     from .runtime.errors import EngineError
     from .runtime.upscaler import Upscaler
@@ -79,13 +80,14 @@ def open_runtime(backend: str, engines: str | None, precision: str, threads: int
                              "`deedsr demo` once to build the demo engines, or use --backend torch")
         engines = str(demo)
     try:
-        return Upscaler.from_engine_dir(engines, backend=backend, precision=precision, threads=threads)
+        return Upscaler.from_engine_dir(engines, backend=backend, precision=precision, threads=threads,
+                                        memory_limit=memory_limit)
     except EngineError as e:
         raise UsageError(str(e)) from None
 
 
 def open_backend(backend: str, engines: str | None, checkpoint: str | None, preset: str | None,
-                 precision: str = "auto", threads: int | None = None):
+                 precision: str = "auto", threads: int | None = None, memory_limit: int | None = None):
     if backend == "auto" and engines is None and (checkpoint or preset):
         backend = "torch"  # a checkpoint or preset names the reference model
     if backend == "torch":
@@ -93,11 +95,13 @@ def open_backend(backend: str, engines: str | None, checkpoint: str | None, pres
             raise UsageError("--engines is read by the ort/trt backends; --backend torch takes --checkpoint or --preset")
         if precision != "auto":
             raise UsageError("--precision applies to the ort/trt backends")
+        if memory_limit is not None:
+            raise UsageError("--memory-limit applies to the ort/trt backends")
         return open_torch(checkpoint, preset, threads)
     if checkpoint or preset:
         raise UsageError(f"--checkpoint/--preset choose the torch backend's model; the {backend} backend reads "
                          "--engines DIR (deedsr-export turns a checkpoint into one)")
-    return open_runtime(backend, engines, precision, threads)
+    return open_runtime(backend, engines, precision, threads, memory_limit)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,8 +144,10 @@ def _sampling_options(f):
 @click.option("--preset", type=click.Choice(["tiny", "sd21-base"]), help="Untrained preset (torch backend).")
 @_sampling_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--memory-limit", help="Most memory an image may use, e.g. 6G (default: $DEEDSR_MEMORY_LIMIT, else "
+                                     "the available memory); VAE tiles are chosen to fit it.")
 def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, preset, steps, eta, seed,
-            noise_guidance_steps, init, tile, tile_overlap, color_fix, profile, overwrite):
+            noise_guidance_steps, init, tile, tile_overlap, color_fix, profile, overwrite, memory_limit):
     """Upscale INPUTS (files, folders or globs) x4 into OUTDIR as PNG."""
     paths, unmatched = expand_inputs(list(inputs))
     failures = 0
@@ -151,7 +157,15 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
     if not paths:
         raise UsageError("no input images")
     targets = _plan_outputs(paths, Path(outdir))
-    upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads)
+    limit = None
+    if memory_limit is not None:
+        from .runtime.memory import parse_bytes
+
+        try:
+            limit = parse_bytes(memory_limit)
+        except ValueError as e:
+            raise UsageError(f"--memory-limit: {e}") from None
+    upscaler = open_backend(backend, engines, checkpoint, preset, precision, threads, limit)
     options = dict(
         steps=steps, eta=eta, noise_guidance_steps=_steps_list(noise_guidance_steps), init=init,
         tile=tile, tile_overlap=tile_overlap, color_fix=color_fix, profile=profile,

@@ -29,6 +29,7 @@ from .runtime.profiles import get_profile
 from .runtime.sampler import INITS
 from .runtime.tiling import gaussian_weights, tiles
 from .schedule import make_scheduler
+from .vae_tiling import TiledVae
 
 __all__ = ["Cancelled", "DeeDSRPipeline", "StepInfo", "latent_shape"]
 
@@ -40,6 +41,7 @@ class DeeDSRPipeline:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.config = model.config
+        self.vae = TiledVae(self.model)  # the runtime's tile layout and statistics passes
 
     def sampler_config(self, **overrides) -> SamplerConfig:
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -79,13 +81,17 @@ class DeeDSRPipeline:
         conditions = model.adapter.condition(d)
 
         latent = self.sample(z_lr, conditions, cfg, rng, callback)
-        sr = (model.decode(latent).clamp(-1, 1) + 1) / 2
+        sr = (self.vae.decode(latent).clamp(-1, 1) + 1) / 2
         sr = color_fix(sr, up, cfg.color_fix).clamp(0, 1)
         sr = sr[0].permute(1, 2, 0).cpu().numpy()[: h * scale, : w * scale]
         return profile.to_uint8(sr)
 
     def encode_lr(self, up: torch.Tensor, profile, rng: np.random.Generator) -> torch.Tensor:
-        """The x4 image in [0, 1] -> z_lr, as the profile makes it (posterior mean or sample)."""
+        """The x4 image in [0, 1] -> z_lr, as the profile makes it: the posterior mean through the
+        tiled VAE (as the runtime), or a posterior sample from the untiled encoder (the tiled
+        graphs have no standard-deviation output yet)."""
+        if not profile.samples_posterior:
+            return self.vae.encode(profile.encoder_input(up))
         mean, std = self.model.encode_posterior(profile.encoder_input(up))
         encoded = {"latent": mean.cpu().numpy(), "latent_std": std.cpu().numpy()}
         return torch.from_numpy(profile.lr_latent(encoded, rng)).to(self.device)

@@ -38,14 +38,21 @@ class _ExportCommand(click.Command):
 @click.option("--opset", default=None, type=int, help="ONNX opset, 14..17 (default 17, or --trt's: 16 for 8.5).")
 @click.option("--tile", type=int, help="Latent tile side the per-step graphs are built for (default: the model's).")
 @click.option("--min-size", default=16, show_default=True, type=int, help="Smallest LR side in pixels.")
-@click.option("--max-size", default=512, show_default=True, type=int, help="Largest LR side in pixels.")
+@click.option("--max-size", default=2048, show_default=True, type=int,
+              help="Largest LR side in pixels (the learner sees the whole LR; the VAE and UNet see tiles).")
 @click.option("--max-batch", default=4, show_default=True, type=int, help="Most tiles per graph call.")
 @click.option("--fuse-denoiser", is_flag=True, help="Also write adapter+UNet as one 'denoiser' graph.")
+@click.option("--vae-tile", type=int,
+              help="Largest tiled-VAE core in latent pixels (x8 image pixels; default 64); the runtime may use "
+                   "smaller ones to fit memory.")
+@click.option("--vae-tile-pad", type=int, help="Context around each VAE tile core, latent pixels (default 8).")
+@click.option("--measure-memory/--no-measure-memory", default=True, show_default=True,
+              help="Measure each graph's working memory (fresh processes) for the runtime's memory model.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
 @click.option("--build-engines", "build_engines", is_flag=True,
               help="Then build TensorRT plans into OUT/trt (default settings; see build-engines --help).")
 def main(checkpoint, preset, out, trt_target, precision, opset, tile, min_size, max_size, max_batch, fuse_denoiser,
-         force, build_engines=False):
+         vae_tile, vae_tile_pad, measure_memory, force, build_engines=False):
     """Trace the learner, VAE, adapter and modulated UNet into ONNX graphs with a manifest."""
     if bool(checkpoint) == bool(preset):
         raise click.UsageError("give exactly one of --checkpoint DIR or --preset NAME")
@@ -59,25 +66,29 @@ def main(checkpoint, preset, out, trt_target, precision, opset, tile, min_size, 
             raise click.UsageError(str(e)) from None
     opset = 17 if opset is None else opset
     precisions = precisions or ("fp32", "fp16")
-    from deedsr.runtime.contract import OPTIONAL_GRAPHS, REQUIRED_GRAPHS
+    from deedsr.runtime.contract import DENOISER, OPTIONAL_GRAPHS, REQUIRED_GRAPHS
     from tqdm import tqdm
 
     from deedsr.checkpoints import CheckpointError
 
     from .engine_dir import ExportError, export_engine_dir
+    from .vae_tiling import VaeTiling
 
     start = time.perf_counter()
     try:
         model = _load(checkpoint, preset)
-        names = [*REQUIRED_GRAPHS, *(OPTIONAL_GRAPHS if fuse_denoiser else ())]
+        names = [*REQUIRED_GRAPHS, *(g for g in OPTIONAL_GRAPHS if fuse_denoiser or g != DENOISER)]
         with tqdm(total=len(names), desc="export", unit="graph", file=sys.stderr) as bar:
             def progress(name):
                 bar.set_postfix_str(name)
-                bar.update(1)
+                if not name.startswith("memory"):
+                    bar.update(1)
 
             path = export_engine_dir(
                 model, out, precisions=precisions, opset=opset, tile=tile, min_size=min_size,
                 max_size=max_size, max_batch=max_batch, fuse_denoiser=fuse_denoiser, force=force,
+                vae_tiling=VaeTiling(**{k: v for k, v in (("core", vae_tile), ("pad", vae_tile_pad)) if v is not None}),
+                measure_memory=measure_memory,
                 progress=progress,
             )
     except (CheckpointError, ExportError) as e:

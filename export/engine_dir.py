@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ from deedsr.schedule import alphas_cumprod
 
 from . import onnx_io, trt_ops
 from .graphs import condition_names, graph_specs
+from .vae_tiling import VaeTiling
 
 MIN_OPSET, MAX_OPSET = 14, 17
 
@@ -32,7 +34,8 @@ def _round_up(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple
 
 
-def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_batch: int) -> dict:
+def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_batch: int,
+                 vae_window: int | None = None) -> dict:
     """min/opt/max of every named dimension, from LR side limits and the latent tile."""
     cfg = model.config
     scale, down, mult = cfg.upscale, cfg.latent_downscale, cfg.latent_multiple
@@ -54,6 +57,17 @@ def compute_dims(model: DeeDSR, tile: int, min_size: int, max_size: int, max_bat
     for name, rng in (("lr", lr), ("image", image), ("latent", latent), ("tile", tiles)):
         dims[f"{name}_height"] = dict(rng)
         dims[f"{name}_width"] = dict(rng)
+    if vae_window is not None:  # tiled VAE windows, latent units (runtime/vae_tiling.py)
+        window = {"min": min(latent["min"], vae_window), "opt": min(latent["opt"], vae_window), "max": vae_window}
+        dims["vae_tile_height"] = dict(window)
+        dims["vae_tile_width"] = dict(window)
+        # With the tiled VAE the untiled VAE graphs serve only images within one window: their
+        # ranges stop there, so that no TensorRT profile asks for a whole-photo attention.
+        for name, cap in (("latent", vae_window), ("image", vae_window * down)):
+            for side in ("height", "width"):
+                rng = dims[f"{name}_{side}"]
+                rng["max"] = max(min(rng["max"], cap), rng["min"])
+                rng["opt"] = min(rng["opt"], rng["max"])
     return dims
 
 
@@ -68,6 +82,8 @@ def export_engine_dir(
     max_size: int = 512,
     max_batch: int = 4,
     fuse_denoiser: bool = False,
+    vae_tiling: VaeTiling | None = None,
+    measure_memory: bool = False,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -83,7 +99,9 @@ def export_engine_dir(
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to replace it")
     tile = tile or model.config.sampler.tile
-    dims = compute_dims(model, tile, min_size, max_size, max_batch)
+    vae_tiling = vae_tiling or VaeTiling()
+    vae_tiling.check()
+    dims = compute_dims(model, tile, min_size, max_size, max_batch, vae_tiling.window)
     model = model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_exports(out)  # what killed exports to this name left (runtime/stale.py)
@@ -95,7 +113,17 @@ def export_engine_dir(
             if progress:
                 progress(spec.name)
         manifest = build_manifest(model, dims, graphs, opset, tile)
+        manifest["vae_tiling"] = vae_tiling.manifest_entry(model)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        # The runtime's memory model reads these (runtime/memory_model.py); the probes read
+        # Linux's /proc (elsewhere the runtime falls back to its rough estimate).
+        if measure_memory and sys.platform.startswith("linux"):
+            from .memory import measure
+
+            # fp32 is what runs on a CPU, where host memory is the limit (fp16 only when alone)
+            measured = [p for p in precisions if p == "fp32"] or list(precisions)
+            manifest["memory"] = measure(tmp, measured, fuse_denoiser, progress=progress)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

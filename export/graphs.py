@@ -16,12 +16,15 @@ from deedsr.runtime.contract import (
     ROLES,
     UNET,
     VAE_DECODER,
+    VAE_DECODER_TILED,
     VAE_ENCODER,
+    VAE_ENCODER_TILED,
 )
 from deedsr.runtime.profiles import LATENT_STD
 from torch import nn
 
 from deedsr.models import DeeDSR
+from deedsr.vae_tiling import TiledVaePart
 
 
 def condition_names(model: DeeDSR) -> list[str]:
@@ -181,11 +184,43 @@ def graph_specs(model: DeeDSR, fuse_denoiser: bool = False) -> list[GraphSpec]:
             lambda b, h, w: (randn(b, lat, h, w),),
         ),
     ]
+    specs += tiled_vae_specs(model)
     if fuse_denoiser:
         specs.append(GraphSpec(
             DENOISER, ROLES[DENOISER].stage, DenoiserGraph(model),
             [("x_t", tile), timestep, ("z_lr", tile)] + conds,
             [("eps", tile)],
             lambda b, h, w: (randn(b, lat, h, w), t_example(b), randn(b, lat, h, w), *cond_examples(b)),
+        ))
+    return specs
+
+
+def tiled_vae_specs(model: DeeDSR) -> list[GraphSpec]:
+    """The VAE halves as tile graphs (one tile per call; runtime/vae_tiling.py)."""
+    lat, down = model.config.vae["latent_channels"], model.config.latent_downscale
+    h, w = "vae_tile_height", "vae_tile_width"
+    specs = []
+    for name, part, channels, in_scale, out_scale, names in (
+            (VAE_ENCODER_TILED, "encoder", (3, lat), down, 1, ("image", "latent")),
+            (VAE_DECODER_TILED, "decoder", (lat, 3), 1, down, ("latent", "image"))):
+        module = TiledVaePart(model, part)
+        stats = [1, module.norms, module.groups, 2]
+
+        def side(dim, scale):
+            return dim if scale == 1 else f"{dim}*{scale}"
+
+        def example(b, th, tw, module=module, c=channels[0], s=in_scale):
+            mask = torch.zeros(1, 1, th, tw)
+            mask[..., 1:-1, 1:-1] = 1.0
+            st = torch.stack([torch.randn(module.norms, module.groups) * 0.1,
+                              torch.rand(module.norms, module.groups) + 0.5], dim=-1)[None]
+            return torch.randn(1, c, th * s, tw * s), mask, st, torch.zeros(1)
+
+        specs.append(GraphSpec(
+            name, ROLES[name].stage, module,
+            [(names[0], [1, channels[0], side(h, in_scale), side(w, in_scale)]), ("mask", [1, 1, h, w]),
+             ("stats", stats), ("own", [1])],
+            [(names[1], [1, channels[1], side(h, out_scale), side(w, out_scale)]), ("moments", stats)],
+            example,
         ))
     return specs

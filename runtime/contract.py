@@ -22,6 +22,8 @@ ADAPTER = "adapter"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 DENOISER = "denoiser"
+VAE_ENCODER_TILED = "vae_encoder_tiled"
+VAE_DECODER_TILED = "vae_decoder_tiled"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,14 @@ GRAPHS: tuple[GraphRole, ...] = (
               "scaled latent -> image in [-1, 1]"),
     GraphRole(DENOISER, PER_STEP, False, "tile", ("x_t", "timestep", "z_lr"), ("eps",),
               "adapter and UNet fused into one graph per step"),
+    # Tiled VAE with global GroupNorm statistics (runtime/vae_tiling.py has the layout and
+    # the host procedure). Optional only so that older engine directories still open; the
+    # runtime uses them whenever present, and then never the untiled VAE graphs.
+    GraphRole(VAE_ENCODER_TILED, PER_IMAGE, False, "vae_tile", ("image", "mask", "stats", "own"),
+              ("latent", "moments"), "x4 image tile in [-1, 1], core mask, GroupNorm statistics -> latent tile, "
+              "moments"),
+    GraphRole(VAE_DECODER_TILED, PER_IMAGE, False, "vae_tile", ("latent", "mask", "stats", "own"),
+              ("image", "moments"), "latent tile, core mask, GroupNorm statistics -> image tile, moments"),
 )
 
 ROLES = {g.name: g for g in GRAPHS}

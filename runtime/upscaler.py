@@ -16,6 +16,7 @@ as two sequential calls.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -23,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .backends import Backend, open_backend
-from .contract import LEARNER, VAE_DECODER, VAE_ENCODER
+from .contract import LEARNER, VAE_DECODER, VAE_DECODER_TILED, VAE_ENCODER, VAE_ENCODER_TILED
 from .errors import InsufficientMemory, ShapeError, StepInfo
 from .imageops import (
     COLOR_FIXES,
@@ -33,9 +34,11 @@ from .imageops import (
 from .integrity import verify_backend
 from .manifest import Manifest
 from .memory import available_memory, human_bytes
+from .memory_model import MemoryModel, Plan, batch_bytes, choose_plan, fits_message
 from .profiles import LATENT_STD, Profile, get_profile
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
 from .validate import check_decoded, check_latent, check_noise_guidance, default_overlap
+from .vae_tiling import VaeTiling, run_vae_graph
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class Upscaler:
         self.manifest = manifest
         self.backend = backend
         self.memory_limit = memory_limit
+        self.vae_tiling = VaeTiling.from_manifest(manifest)  # None: an older directory, untiled VAE
+        self.memory_model = MemoryModel(manifest, backend.precision, backend.use_denoiser)
         self.schedule = Schedule(manifest.alphas_cumprod, manifest.steps_offset)
 
     @classmethod
@@ -125,7 +130,49 @@ class Upscaler:
                              f"{self.manifest.root} lacks (exported before the profiles); re-export it")
 
     # ------------------------------------------------------------ shape + memory
-    def estimate_memory(self, height: int, width: int, profile: str | None = None) -> int:
+    def estimate_memory(self, height: int, width: int, tile: int | None = None, vae_tile: int | None = None,
+                        profile: str | None = None) -> int:
+        """Peak resident bytes to upscale an LR image of height x width (memory_model.py), with
+        the VAE tile `check` would choose unless given."""
+        if self._measured_memory():
+            return self.plan(height, width, tile, vae_tile, limit=None).bytes
+        return self._rough_estimate(height, width, profile)
+
+    def _measured_memory(self) -> bool:
+        return self.memory_model.measured and not self.backend.on_device
+
+    def plan(self, height: int, width: int, tile: int | None = None, vae_tile: int | None = None,
+             limit: int | None = None, profile: str | None = None) -> Plan:
+        """Tile settings for one image and the peak they need; InsufficientMemory when even the
+        smallest VAE tiles need more than `limit` (default: the memory this process may use)."""
+        tile = int(self.manifest.sampler["tile"] if tile is None else tile)
+        if not self._measured_memory():
+            core = None if self.vae_tiling is None else self.vae_tiling.core
+            return Plan(core if vae_tile is None else vae_tile, tile, self.max_batch,
+                        self._rough_estimate(height, width, profile), {})
+        limit = self._limit() if limit is None else limit
+        try:
+            return choose_plan(self.memory_model, height, width, tile, self.max_batch, limit, vae_tile)
+        except MemoryError as e:
+            need = int(e.args[0])
+            s = self.scale
+            hint = fits_message(self.memory_model, height, width, tile, self.max_batch, limit)
+            raise InsufficientMemory(
+                f"image is {width}x{height}: upscaling to {width * s}x{height * s} needs about {human_bytes(need)} "
+                f"even with the smallest VAE tiles, only {human_bytes(limit)} may be used; {hint} "
+                "(or raise --memory-limit / DEEDSR_MEMORY_LIMIT)") from None
+
+    def _limit(self) -> int | None:
+        """Bytes the whole process may peak at: --memory-limit / $DEEDSR_MEMORY_LIMIT, else what
+        it holds now plus the machine's available memory (which does not count this process)."""
+        if self.memory_limit is not None:
+            return self.memory_limit
+        if os.environ.get("DEEDSR_MEMORY_LIMIT"):
+            return available_memory()
+        free = available_memory()
+        return None if free is None else free + _rss()
+
+    def _rough_estimate(self, height: int, width: int, profile: str | None = None) -> int:
         """Rough peak bytes to upscale an LR image of height x width, beyond what is resident:
         the VAE decoder's largest activations at 4x size (the last upsampling's input and output
         maps plus the last block's), host copies of the x4 image, and graphs still to load."""
@@ -149,14 +196,16 @@ class Upscaler:
         if min(height, width) < 8:
             raise ShapeError(f"image is {width}x{height}; each side must be at least 8 pixels")
         try:
-            env = self.manifest.image_dims(height, width, profile)
+            env = self._image_dims(height, width, profile)
             tile = int(self.manifest.sampler["tile"] if tile is None else tile)
             self.manifest.check_tile(tile)
             env.update(self.manifest.tile_dims(min(tile, env["latent_height"]), min(tile, env["latent_width"])))
             self.backend.check_shapes(env)
         except ShapeError as e:
             raise ShapeError(f"image is {width}x{height}: {e}") from None
-        need = self.estimate_memory(height, width, profile)
+        if self._measured_memory():
+            return self.plan(height, width, tile, profile=profile).bytes
+        need = self._rough_estimate(height, width, profile)
         limit = self.memory_limit if self.memory_limit is not None else available_memory()
         if limit is not None and need > limit:
             s = self.scale
@@ -164,6 +213,27 @@ class Upscaler:
                 f"image is {width}x{height}: upscaling to {width * s}x{height * s} needs about "
                 f"{human_bytes(need)}, only {human_bytes(limit)} is available; use a smaller image")
         return need
+
+    def _image_dims(self, height: int, width: int, profile: str | None = None) -> dict[str, int]:
+        """Named dimensions checked against the export's ranges; with the tiled VAE only the
+        learner sees the whole image, so only the LR range applies. A profile that samples the
+        VAE posterior encodes untiled (the tiled encoder has no latent_std output yet), so there the
+        x4 image must fit the untiled encoder's range."""
+        if self.vae_tiling is None:
+            return self.manifest.image_dims(height, width, profile)
+        if profile is not None and get_profile(profile).samples_posterior:
+            ph, pw = self.manifest.padded(height, width, profile)
+            for name, value in (("image_height", ph * self.scale), ("image_width", pw * self.scale)):
+                try:
+                    self.manifest.check_dim(name, value)
+                except ShapeError as e:
+                    raise ShapeError(f"the {profile} profile encodes the x4 image untiled (the tiled VAE encoder "
+                                     f"has no {LATENT_STD} output yet): {e}; use --profile paper for larger "
+                                     "images") from None
+        for name, value in (("lr_height", height), ("lr_width", width)):
+            self.manifest.check_dim(name, value)
+        lh, lw = self.manifest.latent_size(height, width, profile)
+        return {"batch": 1, "lr_height": height, "lr_width": width, "latent_height": lh, "latent_width": lw}
 
     # ----------------------------------------------------------------- upscaling
     def upscale(self, image: np.ndarray, seed: int = 0, steps: int | None = None, eta: float | None = None,
@@ -187,40 +257,68 @@ class Upscaler:
         if len(seeds) != len(images):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         opts = self.options(**overrides)
+        vae = []
         for image in images:
             check_image(image)
             self.check(image.shape[0], image.shape[1], opts.tile, opts.profile)
+            vae.append(self._vae_tiling(image.shape[0], image.shape[1], opts.tile))
+        if len(images) > 1:
+            self._check_batch([image.shape[:2] for image in images], opts.tile)
         started = time.perf_counter()
         profile = get_profile(opts.profile)
-        prepared = [self._prepare(image, seed, profile) for image, seed in zip(images, seeds)]
+        prepared = [self._prepare(image, seed, profile, v) for image, seed, v in zip(images, seeds, vae)]
         log.info("per-image graphs: %.3f s", time.perf_counter() - started)
         started = time.perf_counter()
         latents = sample(self.backend.denoise, [job for job, _ in prepared], self.schedule, opts,
                          self.max_batch, callback)
         log.info("%d steps: %.3f s", opts.steps, time.perf_counter() - started)
         started = time.perf_counter()
-        out = [self._finish(latent, up, image.shape[:2], opts)
-               for latent, (_, up), image in zip(latents, prepared, images)]
+        out = [self._finish(latent, up, image.shape[:2], opts, v)
+               for latent, (_, up), image, v in zip(latents, prepared, images, vae)]
         log.info("decode: %.3f s", time.perf_counter() - started)
         return out
 
-    def _prepare(self, image: np.ndarray, seed: int, profile: Profile) -> tuple[Job, np.ndarray]:
+    def _check_batch(self, sizes: list[tuple[int, int]], tile: int) -> None:
+        """Images sampled together hold their host arrays at once (the graphs run one at a time)."""
+        if not self._measured_memory():
+            return
+        plans = [self.plan(h, w, tile) for h, w in sizes]
+        need = batch_bytes(plans)
+        limit = self._limit()
+        if limit is not None and need > limit:
+            raise InsufficientMemory(f"{len(sizes)} images together need about {human_bytes(need)}, only "
+                                     f"{human_bytes(limit)} may be used; upscale them one at a time")
+
+    def _vae_tiling(self, height: int, width: int, tile: int) -> VaeTiling | None:
+        if self.vae_tiling is None:
+            return None
+        return self.vae_tiling.with_core(self.plan(height, width, tile).vae_core)
+
+    def _prepare(self, image: np.ndarray, seed: int, profile: Profile,
+                 vae: VaeTiling | None = None) -> tuple[Job, np.ndarray]:
         m = self.manifest
         lr = image.astype(np.float32) / 255.0
         conditions = self.backend.run(LEARNER, {"lr": _nchw(lr)}, m.conditions)
         up = _nchw(profile.upscale(lr, self.scale, m.image["pixel_multiple"]))
         rng = np.random.Generator(np.random.PCG64(seed))
-        z_lr = self._encode_lr(up, profile, rng)
+        z_lr = self._encode_lr(up, profile, rng, vae)
         return Job(z_lr=z_lr, conditions=conditions, rng=rng), up
 
-    def _encode_lr(self, up: np.ndarray, profile: Profile, rng: np.random.Generator) -> np.ndarray:
-        """z_lr as the profile makes it; under reference-code this is the generator's first draw."""
-        encoded = self.backend.run(VAE_ENCODER, {"image": profile.encoder_input(up)}, profile.encoder_outputs())
+    def _encode_lr(self, up: np.ndarray, profile: Profile, rng: np.random.Generator,
+                   vae: VaeTiling | None = None) -> np.ndarray:
+        """z_lr as the profile makes it; under reference-code this is the generator's first draw
+        (and the encoder runs untiled: only the untiled graph outputs the posterior's std)."""
+        if profile.samples_posterior or (vae or self.vae_tiling) is None:
+            encoded = self.backend.run(VAE_ENCODER, {"image": profile.encoder_input(up)}, profile.encoder_outputs())
+        else:
+            encoded = {"latent": self._vae(VAE_ENCODER_TILED, VAE_ENCODER, "image", "latent",
+                                           profile.encoder_input(up), vae)}
         return profile.lr_latent(encoded, rng)
 
-    def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions) -> np.ndarray:
+    def _finish(self, latent: np.ndarray, up: np.ndarray, size: tuple[int, int], opts: SamplerOptions,
+                vae: VaeTiling | None = None) -> np.ndarray:
         check_latent(latent)
-        decoded = self.backend.run(VAE_DECODER, {"latent": latent})["image"]
+        decoded = self._vae(VAE_DECODER_TILED, VAE_DECODER, "latent", "image", latent, vae)
         check_decoded(decoded, latent.shape, self.manifest.image["latent_downscale"])
         sr = (np.clip(decoded, -1, 1) + 1) / 2
         sr = np.clip(color_fix(sr, up, opts.color_fix), 0, 1)
@@ -232,8 +330,27 @@ class Upscaler:
         """Load every graph now (a graph that does not match manifest.json is refused here)."""
         self.backend.preload()
 
+    def _vae(self, tiled: str, untiled: str, in_name: str, out_name: str, x: np.ndarray,
+             vae: VaeTiling | None) -> np.ndarray:
+        vae = vae or self.vae_tiling
+        if vae is None:
+            return self.backend.run(untiled, {in_name: x})[out_name]
+        return run_vae_graph(self.backend, self.manifest, vae, tiled, x)
+
     def close(self) -> None:
         self.backend.close()
+
+
+def _nchw(hwc: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))[None]
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _nchw(hwc: np.ndarray) -> np.ndarray:

@@ -181,7 +181,7 @@ def test_unevaluable_shape_is_a_build_error(manifest_data):
 def test_graph_selection_and_sizes(tiny_engine_dir):
     m = Manifest.load(tiny_engine_dir)
     assert select_graphs(m, None) == ["degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder",
-                                      "denoiser"]
+                                      "denoiser", "vae_encoder_tiled", "vae_decoder_tiled"]
     assert select_graphs(m, ("unet", "adapter")) == ["adapter", "unet"]
     with pytest.raises(BuildError, match="no graph nope"):
         select_graphs(m, ("nope",))

@@ -12,7 +12,8 @@ from deedsr.export import trt_ops
 from deedsr.export.engine_dir import ExportError, export_engine_dir
 from deedsr.export.graphs import graph_specs
 
-GRAPHS = ["degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder", "denoiser"]
+GRAPHS = ["degradation_learner", "vae_encoder", "adapter", "unet", "vae_decoder", "denoiser", "vae_encoder_tiled",
+          "vae_decoder_tiled"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,8 @@ SIZES = {  # two spatial sizes per graph, in the graph's own dims, inside the ex
     "adapter": [(16, 16), (8, 16)],
     "unet": [(16, 16), (16, 8)],
     "denoiser": [(16, 16), (8, 8)],
+    "vae_encoder_tiled": [(8, 16), (24, 16)],  # latent windows; one tile per call
+    "vae_decoder_tiled": [(8, 16), (24, 16)],
 }
 
 

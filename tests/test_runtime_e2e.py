@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from deedsr.runtime.contract import ADAPTER, LEARNER, UNET, VAE_DECODER_TILED, VAE_ENCODER_TILED
 from deedsr.runtime.errors import Cancelled, EngineError, InsufficientMemory, ShapeError
 from deedsr.runtime.backends import open_backend
 from deedsr.runtime.manifest import Manifest
@@ -176,11 +177,11 @@ def test_noise_guided_steps_do_not_call_the_unet(engines, photo):
     upscaler = Upscaler.from_engine_dir(engines, backend="ort", precision="fp32", use_denoiser=False)
     calls = count_graph_calls(upscaler)
     upscaler.upscale(photo, steps=4, noise_guidance_steps=(0, 2))
-    # two model steps, four tiles each, one call each (max batch 4)
-    assert calls == Counter(degradation_learner=1, vae_encoder=1, vae_decoder=1, adapter=2, unet=2)
+    # two model steps, four tiles each, one call each (max batch 4); the VAE in one tile each way
+    assert calls == Counter({LEARNER: 1, VAE_ENCODER_TILED: 1, VAE_DECODER_TILED: 1, ADAPTER: 2, UNET: 2})
     calls.clear()
     upscaler.upscale(photo, steps=3, noise_guidance_steps=(0, 1, 2))
-    assert calls["unet"] == 0 and calls["adapter"] == 0 and calls["vae_decoder"] == 1
+    assert calls[UNET] == 0 and calls[ADAPTER] == 0 and calls[VAE_DECODER_TILED] == 1
 
 
 def test_batch_threads_and_cancel(runtime_fp32, photo):
@@ -230,14 +231,15 @@ def test_incomplete_or_foreign_engine_directories(engines, tmp_path):
     with pytest.raises(EngineError) as e:
         Upscaler.from_engine_dir(foreign)
     assert str(e.value) == f"{foreign}/manifest.json: schema version 2, this runtime reads 1"
-    garbage = _copy(engines, tmp_path / "garbage", skip={"fp32/vae_encoder.onnx"})
-    size = (engines / "fp32" / "vae_encoder.onnx").stat().st_size
-    (garbage / "fp32" / "vae_encoder.onnx").write_bytes(b"\0" * size)
-    with pytest.raises(EngineError, match="vae_encoder.onnx: sha256 differs from manifest.json"):
+    encoder = f"fp32/{VAE_ENCODER_TILED}.onnx"  # the graph the runtime encodes with
+    garbage = _copy(engines, tmp_path / "garbage", skip={encoder})
+    size = (engines / encoder).stat().st_size
+    (garbage / encoder).write_bytes(b"\0" * size)
+    with pytest.raises(EngineError, match=f"{VAE_ENCODER_TILED}.onnx: sha256 differs from manifest.json"):
         Upscaler.from_engine_dir(garbage, precision="fp32")
     manifest = Manifest.load(garbage)  # past the hash check: what onnxruntime says of such a file
     upscaler = Upscaler(manifest, open_backend(manifest, "ort", "fp32"))
-    with pytest.raises(EngineError, match="vae_encoder.onnx: onnxruntime cannot load it"):
+    with pytest.raises(EngineError, match=f"{VAE_ENCODER_TILED}.onnx: onnxruntime cannot load it"):
         upscaler.upscale(np.zeros((16, 16, 3), np.uint8), steps=1)
     with pytest.raises(EngineError, match="TensorRT"):  # no plans here, and no TensorRT
         Upscaler.from_engine_dir(engines, backend="trt")
