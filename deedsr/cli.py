@@ -149,14 +149,7 @@ def _sampling_options(f):
 def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, preset, steps, eta, seed,
             noise_guidance_steps, init, tile, tile_overlap, color_fix, profile, overwrite, memory_limit):
     """Upscale INPUTS (files, folders or globs) x4 into OUTDIR as PNG."""
-    paths, unmatched = expand_inputs(list(inputs))
-    failures = 0
-    for pattern in unmatched:
-        click.echo(f"error: {pattern}: no file matches", err=True)
-        failures += 1
-    if not paths:
-        raise UsageError("no input images")
-    targets = _plan_outputs(paths, Path(outdir))
+    targets, failures = _plan_outputs(inputs, Path(outdir))
     limit = None
     if memory_limit is not None:
         from .runtime.memory import parse_bytes
@@ -179,14 +172,21 @@ def upscale(inputs, outdir, engines, backend, precision, threads, checkpoint, pr
         sys.exit(1)
 
 
-def _plan_outputs(paths, output: Path) -> dict:
-    """Every input's output file (deedsr/usage.py), or one line and exit 2 before any work."""
+def _plan_outputs(inputs, output: Path) -> tuple[dict, int]:
+    """Every input file (files, folders, globs) with its output file (deedsr/usage.py), and how
+    many patterns matched nothing (one `error:` line each); one line and exit 2 before any work
+    when nothing is left or the outputs cannot be planned."""
+    paths, unmatched = expand_inputs(list(inputs))
+    for pattern in unmatched:
+        click.echo(f"error: {pattern}: no file matches", err=True)
+    if not paths:
+        raise UsageError("no input images")
     from .runtime.memory import env_memory_limit
     from .usage import OutputError, plan_outputs
 
     try:
         env_memory_limit()
-        return plan_outputs(paths, output)
+        return plan_outputs(paths, output), len(unmatched)
     except (OutputError, ValueError) as e:
         raise UsageError(str(e)) from None
 
@@ -403,14 +403,7 @@ def remote(url, inputs, outdir, seed, steps, timeout, connect_timeout, overwrite
         import pytriton.client  # noqa: F401
     except ImportError as e:
         raise UsageError(f"deedsr remote needs the Triton client: {INSTALL_HINT} ({e})") from None
-    paths, unmatched = expand_inputs(list(inputs))
-    failures = 0
-    for pattern in unmatched:
-        click.echo(f"error: {pattern}: no file matches", err=True)
-        failures += 1
-    if not paths:
-        raise UsageError("no input images")
-    targets = _plan_outputs(paths, Path(outdir))
+    targets, failures = _plan_outputs(inputs, Path(outdir))
     try:
         client = RemoteUpscaler(url, timeout_s=timeout, init_timeout_s=connect_timeout)
     except Unreachable as e:

@@ -34,7 +34,13 @@ from deedsr.runtime.plans import GpuInfo
 
 from . import records
 from .errors import BuildError
-from .modes import BuildMode, at_least, check_graph_version, choose_mode, supports_opt_level
+from .modes import (
+    BuildMode,
+    at_least,
+    check_graph_version,
+    choose_mode,
+    supports_opt_level,
+)
 from .profiles import describe_profile, graph_profile, plan_dims
 
 

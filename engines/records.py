@@ -13,7 +13,6 @@ which the runtime uses when it loads plans: one rule for both sides.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
+from deedsr.runtime.integrity import sha256_files
 from deedsr.runtime.plans import PLANS_KEY, GpuInfo, plan_mismatch, plan_records
 
 from .errors import BuildError
@@ -32,11 +32,7 @@ RECORD_VERSION = 1
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_files([path])
 
 
 def timing_cache_name(tensorrt_version: str, gpu: GpuInfo) -> str:

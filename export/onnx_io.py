@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from deedsr.runtime.integrity import sha256_files
 from onnx.external_data_helper import load_external_data_for_model
 
 from .graphs import GraphSpec
@@ -123,12 +124,8 @@ def io_dtypes(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def sha256_file(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """One digest over the files in order: what the runtime checks (deedsr.runtime.integrity)."""
+    return sha256_files(paths)
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

@@ -4,7 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deedsr.runtime.contract import VAE_DECODER_TILED, VAE_ENCODER_TILED
-from deedsr.runtime.vae_tiling import DEFAULT_CORE, DEFAULT_PAD, DEFAULT_PASSES, max_window
+from deedsr.runtime.vae_tiling import (
+    DEFAULT_CORE,
+    DEFAULT_PAD,
+    DEFAULT_PASSES,
+    max_window,
+)
 
 
 @dataclass

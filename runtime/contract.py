@@ -79,6 +79,10 @@ def step_graphs(fused: bool) -> tuple[str, ...]:
     return (DENOISER,) if fused else (ADAPTER, UNET)
 
 
-def call_order(fused: bool) -> tuple[str, ...]:
-    """Every graph one image needs, in the order a host calls them."""
+def call_order(fused: bool, tiled: bool = False) -> tuple[str, ...]:
+    """Every graph one image needs, in the order a host calls them. With the tiled VAE graphs the
+    untiled encoder stays (a profile that samples the posterior encodes untiled); the untiled
+    decoder is not called."""
+    if tiled:
+        return (LEARNER, VAE_ENCODER, VAE_ENCODER_TILED, *step_graphs(fused), VAE_DECODER_TILED)
     return (LEARNER, VAE_ENCODER, *step_graphs(fused), VAE_DECODER)

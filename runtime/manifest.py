@@ -7,7 +7,6 @@ over names with `*` and `/` (exact integer division), evaluated left to right.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from .contract import (
     ROLES,
     SCHEMA,
     SCHEMA_VERSION,
+    VAE_DECODER_TILED,
+    VAE_ENCODER_TILED,
     call_order,
 )
 from .errors import EngineError, ShapeError
@@ -248,7 +249,8 @@ class Manifest:
         have = self.has_graph(DENOISER, precision)
         if use_denoiser and not have:
             raise EngineError(f"{self.root}: no {precision} denoiser graph; re-export with --fuse-denoiser")
-        return list(call_order(have if use_denoiser is None else bool(use_denoiser)))
+        tiled = self.has_graph(VAE_ENCODER_TILED, precision) and self.has_graph(VAE_DECODER_TILED, precision)
+        return list(call_order(have if use_denoiser is None else bool(use_denoiser), tiled))
 
     def has_graph(self, name: str, precision: str) -> bool:
         return name in self.graphs and precision in self.graphs[name].precisions
@@ -281,21 +283,6 @@ class Manifest:
                 if size != entry.bytes:
                     raise EngineError(f"{entry.file}: {size} bytes, manifest.json says {entry.bytes} "
                                       "(truncated or replaced); re-export")
-
-    def verify(self, precision: str) -> None:
-        """Hash every graph of `precision` against the manifest's sha256 (reads every byte)."""
-        self.check_files(precision)
-        for name in list(REQUIRED_GRAPHS) + [g for g in OPTIONAL_GRAPHS if self.has_graph(g, precision)]:
-            entry = self.graph_file(name, precision)
-            if not entry.sha256:
-                continue
-            digest = hashlib.sha256()
-            for f in [entry.file] + ([entry.external_data] if entry.external_data else []):
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(chunk)
-            if digest.hexdigest() != entry.sha256:
-                raise EngineError(f"{entry.file}: sha256 differs from manifest.json (corrupt or replaced); re-export")
 
     @property
     def trained(self) -> bool:

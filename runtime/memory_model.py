@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contract import LEARNER, VAE_DECODER, VAE_DECODER_TILED, VAE_ENCODER, VAE_ENCODER_TILED, step_graphs
+from .contract import (
+    LEARNER,
+    VAE_DECODER,
+    VAE_DECODER_TILED,
+    VAE_ENCODER,
+    VAE_ENCODER_TILED,
+    step_graphs,
+)
 from .tiling import tiles as latent_tiles
 from .vae_tiling import vae_tiles
 

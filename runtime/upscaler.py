@@ -24,7 +24,13 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .backends import Backend, open_backend
-from .contract import LEARNER, VAE_DECODER, VAE_DECODER_TILED, VAE_ENCODER, VAE_ENCODER_TILED
+from .contract import (
+    LEARNER,
+    VAE_DECODER,
+    VAE_DECODER_TILED,
+    VAE_ENCODER,
+    VAE_ENCODER_TILED,
+)
 from .errors import InsufficientMemory, ShapeError, StepInfo
 from .imageops import (
     COLOR_FIXES,
@@ -37,8 +43,8 @@ from .memory import available_memory, human_bytes
 from .memory_model import MemoryModel, Plan, batch_bytes, choose_plan, fits_message
 from .profiles import LATENT_STD, Profile, get_profile
 from .sampler import INITS, Job, SamplerOptions, Schedule, sample
-from .validate import check_decoded, check_latent, check_noise_guidance, default_overlap
 from .vae_tiling import VaeTiling, run_vae_graph
+from .validate import check_decoded, check_latent, check_noise_guidance, default_overlap
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,18 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from .contract import ADAPTER, DENOISER, LEARNER, MANIFEST, PRECISIONS, REQUIRED_GRAPHS, ROLES, UNET, VAE_DECODER, \
-    VAE_ENCODER
+from .contract import (
+    ADAPTER,
+    DENOISER,
+    LEARNER,
+    MANIFEST,
+    PRECISIONS,
+    REQUIRED_GRAPHS,
+    ROLES,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 from .errors import BackendError, EngineError
 from .imageops import COLOR_FIXES
 from .sampler import INITS

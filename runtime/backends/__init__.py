@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import ADAPTER, DENOISER, UNET, call_order, step_graphs
+from ..contract import ADAPTER, DENOISER, UNET, step_graphs
 from ..errors import EngineError
 from ..manifest import Manifest
 
@@ -79,7 +79,7 @@ class Backend:
 
     def graphs(self) -> list[str]:
         """Every graph an image needs, in call order."""
-        return list(call_order(self.use_denoiser))
+        return self.manifest.graphs_for(self.precision, self.use_denoiser)
 
     def preload(self) -> None:
         """Load every graph now rather than on first use."""

@@ -38,7 +38,14 @@ from typing import Mapping
 
 import numpy as np
 
-from ..contract import DENOISER, PRECISIONS, call_order, step_graphs
+from ..contract import (
+    DENOISER,
+    PRECISIONS,
+    VAE_DECODER_TILED,
+    VAE_ENCODER_TILED,
+    call_order,
+    step_graphs,
+)
 from ..errors import BackendError, EngineError, InsufficientMemory, ShapeError
 from ..manifest import Manifest, eval_shape
 from ..memory import human_bytes
@@ -126,7 +133,7 @@ class TrtBackend(Backend):
         split = all(g in records for g in step_graphs(False))
         # default: the fused denoiser when it has a plan (as the ort backend), else adapter + UNet
         fused = (have_denoiser or not split) if use_denoiser is None else bool(use_denoiser)
-        needed = list(call_order(fused))
+        needed = list(call_order(fused, tiled=all(g in records for g in (VAE_ENCODER_TILED, VAE_DECODER_TILED))))
         missing = [g for g in needed if g not in records]
         if missing:
             raise EngineError(f"{root}: no TensorRT plan for {', '.join(missing)}; build them on this machine: "
@@ -551,6 +558,10 @@ class TrtBackend(Backend):
     # ------------------------------------------------------------------ misc
     def preload(self) -> None:
         """Plans are deserialised when the backend opens; nothing more to load."""
+
+    def graphs(self) -> list[str]:
+        """The graphs whose plans this backend loaded, in call order."""
+        return list(self._plans)
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
