@@ -69,23 +69,26 @@ def test_same_size_bit_flip_is_refused_on_open(engine):
 
 
 def test_another_graph_in_place_of_the_decoder_is_refused(engine, photo):
-    src, dst = engine / "fp32" / "vae_encoder.onnx", engine / "fp32" / "vae_decoder.onnx"
+    # the decoder the runtime runs: the tiled one (the untiled decoder is not called when it exists)
+    src, dst = engine / "fp32" / "vae_encoder_tiled.onnx", engine / "fp32" / "vae_decoder_tiled.onnx"
     shutil.copyfile(src, dst)
 
     def same_size(d):
-        d["graphs"]["vae_decoder"]["precisions"]["fp32"]["bytes"] = src.stat().st_size
+        d["graphs"]["vae_decoder_tiled"]["precisions"]["fp32"]["bytes"] = src.stat().st_size
 
     edit(engine, same_size)
-    with pytest.raises(EngineError, match="vae_decoder.onnx: sha256 differs"):
+    with pytest.raises(EngineError, match="vae_decoder_tiled.onnx: sha256 differs"):
         Upscaler.from_engine_dir(engine, backend="ort", precision="fp32")
     # Even with a manifest rewritten to that graph's hash, its tensors are not the decoder's:
     # refused when the graphs are loaded (deedsr upscale loads them before the first image).
-    sha = json.loads((engine / "manifest.json").read_text())["graphs"]["vae_encoder"]["precisions"]["fp32"]["sha256"]
-    edit(engine, lambda d: d["graphs"]["vae_decoder"]["precisions"]["fp32"].update(sha256=sha))
+    sha = json.loads((engine / "manifest.json").read_text())["graphs"]["vae_encoder_tiled"]["precisions"]["fp32"][
+        "sha256"]
+    edit(engine, lambda d: d["graphs"]["vae_decoder_tiled"]["precisions"]["fp32"].update(sha256=sha))
     up = Upscaler.from_engine_dir(engine, backend="ort", precision="fp32")
     with pytest.raises(EngineError) as e:
         up.backend.preload()
-    assert "vae_decoder.onnx: inputs ['image'] differ from manifest.json's ['latent']" in one_line(e)
+    assert ("vae_decoder_tiled.onnx: inputs ['image', 'mask', 'own', 'stats'] differ from manifest.json's "
+            "['latent', 'mask', 'own', 'stats']") in one_line(e)
 
 
 def test_digests_are_cached_by_path_size_and_times(engine, tmp_path):
