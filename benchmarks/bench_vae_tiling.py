@@ -16,25 +16,12 @@ import time
 
 import numpy as np
 import torch
+from deedsr.runtime.vae_tiling import vae_tiles
 from PIL import Image
 from skimage import data
 
 from deedsr.models import load_checkpoint
-from deedsr.runtime.vae_tiling import vae_tiles
-from deedsr.vae_tiling import TiledVae
-
-
-def border_mask(h: int, w: int, core: int, pad: int, scale: int) -> np.ndarray:
-    border = np.zeros((h * scale, w * scale), bool)
-    for t in vae_tiles(h, w, core, pad):
-        ct, cl, ch, cw = t.core
-        for r in (ct, ct + ch):
-            if 0 < r < h:
-                border[max(r * scale - scale, 0):r * scale + scale, :] = True
-        for c in (cl, cl + cw):
-            if 0 < c < w:
-                border[:, max(c * scale - scale, 0):c * scale + scale] = True
-    return border
+from deedsr.vae_tiling import TiledVae, border_mask
 
 
 def main() -> None:

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .runtime.contract import VAE_DECODER_TILED, VAE_ENCODER_TILED
-from .runtime.vae_tiling import DEFAULT_CORE, DEFAULT_PAD, DEFAULT_PASSES, run_tiled
+from .runtime.vae_tiling import (
+    DEFAULT_CORE,
+    DEFAULT_PAD,
+    DEFAULT_PASSES,
+    run_tiled,
+    vae_tiles,
+)
 
 
 class _TileContext:
@@ -159,3 +165,18 @@ class TiledVae:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         h, w = latent.shape[2], latent.shape[3]
         return self._run(self.decoder, latent, (h, w), 1, self.down, 3)
+
+
+def border_mask(h: int, w: int, core: int, pad: int, scale: int) -> np.ndarray:
+    """Pixels within `scale` of a tile core's border, for an h x w latent shown at x`scale`: where
+    a seam would show (the tiling benchmark and tests compare the error there with elsewhere)."""
+    border = np.zeros((h * scale, w * scale), bool)
+    for t in vae_tiles(h, w, core, pad):
+        ct, cl, ch, cw = t.core
+        for r in (ct, ct + ch):
+            if 0 < r < h:
+                border[max(r * scale - scale, 0):r * scale + scale, :] = True
+        for c in (cl, cl + cw):
+            if 0 < c < w:
+                border[:, max(c * scale - scale, 0):c * scale + scale] = True
+    return border

@@ -16,7 +16,7 @@ from PIL import Image
 from skimage import data
 
 from deedsr.models import load_checkpoint
-from deedsr.vae_tiling import TiledVae
+from deedsr.vae_tiling import TiledVae, border_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,15 +49,7 @@ def photo256():
 
 def _border_ratio(err: np.ndarray, h: int, w: int, core: int, pad: int, scale: int) -> float:
     """Mean squared error within `scale` pixels of a core border over the mean elsewhere."""
-    border = np.zeros(err.shape, bool)
-    for t in vae_tiles(h, w, core, pad):
-        ct, cl, ch, cw = t.core
-        for r in (ct, ct + ch):
-            if 0 < r < h:
-                border[max(r * scale - scale, 0):r * scale + scale, :] = True
-        for c in (cl, cl + cw):
-            if 0 < c < w:
-                border[:, max(c * scale - scale, 0):c * scale + scale] = True
+    border = border_mask(h, w, core, pad, scale)
     return float(err[border].mean() / err[~border].mean())
 
 
