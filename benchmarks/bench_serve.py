@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,18 +33,8 @@ ASSET = ROOT / "runtime" / "assets" / "astronaut_lr.png"
 SEEDS = 4
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def start_server(args, max_batch: int, log_path: Path):
-    from deedsr.runtime.serve import wait_until_ready
+    from deedsr.runtime.serve import free_ports, wait_until_ready
 
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "deedsr.cli", "serve", "--engines", args.engines, "--backend", "ort",

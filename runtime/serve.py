@@ -287,6 +287,18 @@ def _server_environment(home: Path):
                 os.environ[key] = value
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n ports the system had free on `host` a moment ago (for tests and benchmarks on loopback)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def _check_port(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:

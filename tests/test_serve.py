@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from deedsr.runtime.demo import ASSET
 from deedsr.runtime.images import read_image
 from deedsr.runtime.remote import RemoteError, RemoteUpscaler, Unreachable
-from deedsr.runtime.serve import ServeConfig, Server, wait_until_ready
+from deedsr.runtime.serve import ServeConfig, Server, free_ports, wait_until_ready
 from deedsr.runtime.upscaler import Upscaler
 from helpers import make_bad_inputs
 from PIL import Image
@@ -38,16 +38,6 @@ from deedsr.cli import main
 
 STEPS = 2  # step 0 is noise-guided, so one UNet step: the protocol is under test, not the model
 SIZES = [(16, 16), (24, 32), (72, 64)]  # (height, width); 72x64 is two latent tiles of the demo engines
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
