@@ -175,6 +175,34 @@ def test_schedule_and_colour_fix_options_are_checked(tmp_path):
     assert plan.stage1.lr_milestones == []
 
 
+def test_demo_photo_files_are_named_resized_and_checked(tmp_path):
+    from PIL import Image
+
+    from deedsr.train.demo import load_demo, prepare_photos
+
+    kde = tmp_path / "Lake" / "contents" / "images" / "1920x1080.png"
+    kde.parent.mkdir(parents=True)
+    Image.new("RGB", (1000, 600), (10, 120, 200)).save(kde)
+    plain = tmp_path / "Flower.png"
+    Image.new("RGB", (200, 150), (200, 50, 10)).save(plain)
+    work = tmp_path / "work"
+    text = (f"[demo]\nwork_dir = '{work}'\ntrain_photos = ['coffee']\nheldout_photos = ['chelsea']\n"
+            f"photo_short_side = 300\nphoto_files = ['{kde}']\nheldout_files = ['{plain}']\n")
+    plan = load_demo(_write(tmp_path, text))
+    prepare_photos(plan)
+    assert sorted(p.name for p in (work / "data" / "train").iterdir()) == ["Lake.png", "coffee.png"]
+    assert sorted(p.name for p in (work / "data" / "heldout").iterdir()) == ["Flower.png", "chelsea.png"]
+    assert Image.open(work / "data" / "train" / "Lake.png").size == (500, 300)  # shorter side to 300
+    assert Image.open(work / "data" / "heldout" / "Flower.png").size == (200, 150)  # never enlarged
+
+    with pytest.raises(ConfigError, match=r"photo 'Lake' is both a training and a held-out photo$"):
+        load_demo(_write(tmp_path, text.replace(f"heldout_files = ['{plain}']", f"heldout_files = ['{kde}']")))
+    missing = tmp_path / "gone" / "contents" / "images" / "a.jpg"
+    plan = load_demo(_write(tmp_path, text.replace(str(kde), str(missing))))
+    with pytest.raises(ConfigError, match=rf"photo file {missing} not found \(the demo config names Debian"):
+        prepare_photos(plan)
+
+
 def test_cli_reports_one_line_errors(tmp_path, photo_dir):
     from deedsr.train.cli import train
 
@@ -560,13 +588,23 @@ def test_evaluation_reports_every_method_and_the_learner_probe(tiny_model, tmp_p
     from deedsr.train.evaluate import evaluate, format_table, skimage_photo
 
     monkeypatch.setattr(tiny_model.config, "sampler", dataclasses.replace(tiny_model.config.sampler, color_fix="wavelet"))
-    photos = {n: skimage_photo(n)[:96, :128] for n in ("astronaut", "chelsea")}
+    photos = {n: skimage_photo(n)[:96, :124] for n in ("astronaut", "chelsea")}
     report = evaluate(tiny_model, photos, EvalConfig(steps=2), out_dir=tmp_path)
-    assert report["color_fix"] == "wavelet"
-    assert set(report["mean"]) == {"bicubic", "model", "model_no_noise_guidance", "model_no_color_fix"}
-    assert report["photos"][0]["hr_size"] == [128, 96] and report["photos"][0]["lr_size"] == [32, 24]
-    assert report["mean"]["model"] != report["mean"]["model_no_color_fix"]
+    assert report["color_fix"] == "wavelet" and list(report["levels"]) == ["medium", "bicubic"]
+    medium, plain = report["levels"]["medium"], report["levels"]["bicubic"]
+    assert set(medium["mean"]) == {"bicubic", "model", "model_eta0", "model_no_noise_guidance", "model_no_color_fix",
+                                   "vae"}
+    assert set(plain["mean"]) == {"bicubic", "model", "model_eta0"}
+    assert medium["photos"][0]["hr_size"] == [124, 96] and medium["photos"][0]["lr_size"] == [31, 24]
+    assert medium["mean"]["model"] != medium["mean"]["model_no_color_fix"]
+    assert medium["mean"]["model"] != medium["mean"]["model_eta0"]
+    # plain bicubic downscaling loses less than the medium degradation
+    assert plain["mean"]["bicubic"]["psnr"] > medium["mean"]["bicubic"]["psnr"]
+    # an untrained VAE reconstructs badly but it is a real reconstruction, of the whole 124x96 photo
+    assert 0 < medium["mean"]["vae"]["psnr"] < 25
     assert 0 <= report["learner_degradation_retrieval"]["accuracy"] <= 1
     table = format_table(report)
     assert "| demo model, colour fix off |" in table and "cross-photo degradation retrieval" in table
-    assert (tmp_path / "chelsea_model_no_color_fix.png").is_file()
+    assert "Plain bicubic x4 downscaling" in table and "| demo model, eta 0 (deterministic DDIM) |" in table
+    assert (tmp_path / "chelsea_medium_model_no_color_fix.png").is_file()
+    assert (tmp_path / "chelsea_bicubic_lr.png").is_file()

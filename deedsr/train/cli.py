@@ -4,7 +4,7 @@
     deedsr train stage1 --config FILE [--resume [CHECKPOINT]]
     deedsr train stage2 --config FILE [--resume [CHECKPOINT]]
     deedsr train demo   [--config configs/demo-tiny.toml] [--out deedsr/assets/demo] [--restart]
-    deedsr train evaluate CHECKPOINT [--photos astronaut,chelsea] [--level medium] [--steps 50]
+    deedsr train evaluate CHECKPOINT [--photos astronaut,chelsea] [--level medium --level bicubic] [--steps 50]
 
 Many GPUs: `torchrun --nproc_per_node N -m deedsr.train stage2 --config FILE`.
 Bad configs, data or checkpoints stop with one line `error: ...` and exit code 2 before any
@@ -134,23 +134,24 @@ def demo_cmd(config, out, restart) -> None:
 @train.command("evaluate")
 @click.argument("checkpoint", type=click.Path(file_okay=False, exists=True))
 @click.option("--photos", default="astronaut,chelsea", show_default=True, help="scikit-image photo names.")
-@click.option("--level", default="medium", show_default=True, type=click.Choice(["light", "medium", "heavy"]))
+@click.option("--level", "levels", multiple=True, type=click.Choice(["light", "medium", "heavy", "bicubic"]),
+              help="Downscaling (repeatable): a Table 6 level or plain bicubic. [default: medium, bicubic]")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--crop-border", default=4, show_default=True, type=click.IntRange(0))
 @click.option("--max-side", default=0, show_default=True, type=click.IntRange(0), help="HR centre crop (0 = whole photo).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the report here.")
 @click.option("--images", "images_out", default=None, type=click.Path(file_okay=False), help="Write LR and results here.")
-def evaluate_cmd(checkpoint, photos, level, steps, seed, crop_border, max_side, json_out, images_out) -> None:
-    """PSNR/SSIM (Y) of bicubic, the model and the model without noise guidance on held-out photos,
-    and the degradation learner's cross-photo degradation retrieval."""
+def evaluate_cmd(checkpoint, photos, levels, steps, seed, crop_border, max_side, json_out, images_out) -> None:
+    """PSNR/SSIM (Y) of bicubic, the model (eta as configured and 0), its ablations and its VAE's
+    reconstruction on held-out photos, and the degradation learner's cross-photo degradation retrieval."""
     _setup_logging()
     from ..checkpoints import CheckpointError
     from .config import EvalConfig
     from .evaluate import evaluate, format_table, skimage_photo, write_report
 
     try:
-        cfg = EvalConfig(level=level, seed=seed, steps=steps, crop_border=crop_border, max_side=max_side)
+        cfg = EvalConfig(levels=list(levels) or ["medium", "bicubic"], seed=seed, steps=steps, crop_border=crop_border, max_side=max_side)
         images = {name: skimage_photo(name) for name in photos.split(",") if name}
         report = evaluate(checkpoint, images, cfg, out_dir=images_out)
     except (CheckpointError, ValueError) as e:

@@ -154,7 +154,9 @@ class VaeConfig(_RunConfig):
 class EvalConfig:
     """Held-out evaluation: Table 6 degradation, PSNR/SSIM on Y."""
 
-    level: str = "medium"
+    # Table 6 levels (light / medium / heavy) and "bicubic" (plain bicubic downscaling); the first
+    # also gets the ablations and the VAE reconstruction.
+    levels: list[str] = field(default_factory=lambda: ["medium", "bicubic"])
     seed: int = 0
     steps: int = 50
     crop_border: int = 4
@@ -170,8 +172,22 @@ class DemoConfig:
     seed: int = 0
     train_photos: list[str] = field(default_factory=list)  # skimage.data names
     heldout_photos: list[str] = field(default_factory=lambda: ["astronaut", "chelsea"])
+    # Photo files beyond scikit-image's (e.g. Debian's wallpaper packages), named by their stem;
+    # each is resized (Lanczos) so that its shorter side is at most photo_short_side.
+    photo_files: list[str] = field(default_factory=list)
+    heldout_files: list[str] = field(default_factory=list)
+    photo_short_side: int = 768
     weights_dtype: str = "float32"  # float32 | float16 (halves the committed files)
     color_fix: str = "none"  # the sampler default written into the checkpoint: none | adain | wavelet
+
+
+def photo_name(file: str | Path) -> str:
+    """A photo file's name in the demo: its stem, or for KDE's wallpaper layout
+    (<name>/contents/images/<size>.jpg) the wallpaper's folder name."""
+    path = Path(file)
+    if path.parent.name == "images" and path.parent.parent.name == "contents":
+        return path.parent.parent.parent.name
+    return path.stem
 
 
 STAGES = {"stage1": Stage1Config, "stage2": Stage2Config, "vae": VaeConfig}
@@ -259,8 +275,12 @@ def _validate(cfg, where: str) -> None:
     if isinstance(cfg, EvalConfig):
         from ..degradations import LEVELS
 
-        if cfg.level not in LEVELS:
-            raise ConfigError(f"{where}.level: '{cfg.level}' is not one of {', '.join(LEVELS)}")
+        valid = [*LEVELS, "bicubic"]
+        if not cfg.levels or len(set(cfg.levels)) != len(cfg.levels):
+            raise ConfigError(f"{where}.levels: give one or more distinct levels ({', '.join(valid)})")
+        for level in cfg.levels:
+            if level not in valid:
+                raise ConfigError(f"{where}.levels: '{level}' is not one of {', '.join(valid)}")
         _positive(cfg, where, "steps")
         _positive(cfg, where, "crop_border", "max_side", allow_zero=True)
         return
@@ -273,7 +293,14 @@ def _validate(cfg, where: str) -> None:
             raise ConfigError(f"{where}.color_fix: must be one of {', '.join(COLOR_FIXES)}, got '{cfg.color_fix}'")
         if len(cfg.heldout_photos) != len(set(cfg.heldout_photos)):
             raise ConfigError(f"{where}.heldout_photos: duplicates")
-        overlap = set(cfg.train_photos) & set(cfg.heldout_photos)
+        _positive(cfg, where, "photo_short_side")
+        names = [*cfg.train_photos, *map(photo_name, cfg.photo_files)]
+        heldout = [*cfg.heldout_photos, *map(photo_name, cfg.heldout_files)]
+        for label, group in (("training", names), ("held-out", heldout)):
+            twice = sorted({n for n in group if group.count(n) > 1})
+            if twice:
+                raise ConfigError(f"{where}: two {label} photos are named '{twice[0]}'")
+        overlap = set(names) & set(heldout)
         if overlap:
             raise ConfigError(f"{where}: photo '{sorted(overlap)[0]}' is both a training and a held-out photo")
         return

@@ -31,6 +31,7 @@ from .config import (
     VaeConfig,
     config_from_dict,
     load_config,
+    photo_name,
     to_dict,
 )
 
@@ -104,23 +105,61 @@ def load_demo(path: str | Path) -> DemoPlan:
 
 
 def prepare_photos(plan: DemoPlan) -> None:
-    """Write the scikit-image photos as PNG files into the work folder (train / held out)."""
-    from PIL import Image
-
+    """Write the scikit-image photos and the photo files as PNG files into the work folder
+    (train / held out); a file's photo is resized so its shorter side is at most
+    demo.photo_short_side."""
     from .evaluate import skimage_photo
 
-    for folder, names in ((plan.train_dir, plan.demo.train_photos), (plan.heldout_dir, plan.demo.heldout_photos)):
+    groups = (
+        (plan.train_dir, plan.demo.train_photos, plan.demo.photo_files),
+        (plan.heldout_dir, plan.demo.heldout_photos, plan.demo.heldout_files),
+    )
+    for folder, names, files in groups:
         folder.mkdir(parents=True, exist_ok=True)
         for name in names:
-            try:
-                img = skimage_photo(name)
-            except ValueError as e:
-                raise ConfigError(f"{plan.path}: demo: {e}") from None
-            target = folder / f"{name}.png"
-            if not target.exists():
-                tmp = folder / f".{name}.png.tmp"
-                Image.fromarray(img).save(tmp, format="PNG")
-                tmp.replace(target)
+            if not (folder / f"{name}.png").exists():
+                try:
+                    _write_png(folder / f"{name}.png", skimage_photo(name))
+                except ValueError as e:
+                    raise ConfigError(f"{plan.path}: demo: {e}") from None
+        for file in map(Path, files):
+            if not (folder / f"{photo_name(file)}.png").exists():
+                _write_png(folder / f"{photo_name(file)}.png", _photo_file(plan, file))
+
+
+def _photo_file(plan: DemoPlan, file: Path):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not file.is_file():
+        raise ConfigError(f"{plan.path}: demo: photo file {file} not found (the demo config names Debian wallpaper "
+                          "packages to install for it)")
+    try:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            short = min(im.size)
+            if short > plan.demo.photo_short_side:
+                f = plan.demo.photo_short_side / short
+                im = im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.LANCZOS)
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ConfigError(f"{plan.path}: demo: {file}: unreadable image ({e})") from None
+
+
+def _read_png(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _write_png(target: Path, img) -> None:
+    from PIL import Image
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    Image.fromarray(img).save(tmp, format="PNG")
+    tmp.replace(target)
 
 
 def _stage_done(out_dir: Path) -> dict | None:
@@ -179,6 +218,7 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     log.info("demo: evaluating on the held-out photos %s", ", ".join(plan.demo.heldout_photos))
     t1 = time.monotonic()
     photos = {name: skimage_photo(name) for name in plan.demo.heldout_photos}
+    photos.update({photo_name(f): _read_png(plan.heldout_dir / f"{photo_name(f)}.png") for f in plan.demo.heldout_files})
     report = evaluate(out, photos, plan.eval, out_dir=plan.work / "eval")
     eval_minutes = (time.monotonic() - t1) / 60
     write_report(report, out / "eval.json")

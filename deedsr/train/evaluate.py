@@ -1,12 +1,15 @@
-"""Held-out evaluation: HR photo -> Table 6 degradation -> x4 -> PSNR / SSIM on Y.
+"""Held-out evaluation: HR photo -> Table 6 degradation or plain bicubic downscaling -> x4 ->
+PSNR / SSIM on Y.
 
 For every photo: the HR image (centre-cropped to `max_side` if set, sides cut to multiples of
-4) is degraded with one of the paper's Table 6 levels (deedsr.degradations.degrade_level, a
-numpy generator seeded per photo), quantised to 8 bits, and upscaled three ways: bicubic
-(Pillow, as the sampler's own input), the model with the checkpoint's default sampler (noise
-guidance at the first step, its colour fix), the model with noise guidance off, and, when the
-default has a colour fix, the model without it. PSNR and SSIM are computed on the BT.601 Y
-channel with `crop_border` pixels removed from each side.
+4) is brought to LR with each of `levels`: one of the paper's Table 6 levels
+(deedsr.degradations.degrade_level, a numpy generator seeded per photo) or "bicubic" (Pillow's
+antialiased bicubic), quantised to 8 bits, and upscaled: bicubic (Pillow, as the sampler's own
+input), the model with the checkpoint's default sampler (noise guidance at the first step, its
+colour fix) and with eta 0; for the first level also with noise guidance off and, when the
+default has a colour fix, without it, and the VAE's reconstruction of the HR photo, which bounds
+any model on that VAE. PSNR and SSIM are computed on the BT.601 Y channel with `crop_border`
+pixels removed from each side.
 
 `degradation_retrieval` probes the degradation learner on its own: the same random
 degradations applied to crops of different photos; does the nearest neighbour of a crop's
@@ -27,9 +30,17 @@ from .config import EvalConfig
 
 __all__ = ["evaluate", "skimage_photo", "format_table", "degradation_retrieval"]
 
-METHODS = ("bicubic", "model", "model_no_noise_guidance", "model_no_color_fix")
-LABELS = {"bicubic": "bicubic", "model": "demo model", "model_no_noise_guidance": "demo model, noise guidance off",
-          "model_no_color_fix": "demo model, colour fix off"}
+METHODS = ("bicubic", "model", "model_eta0", "model_no_noise_guidance", "model_no_color_fix", "vae")
+LABELS = {"bicubic": "bicubic", "model": "demo model", "model_eta0": "demo model, eta 0 (deterministic DDIM)",
+          "model_no_noise_guidance": "demo model, noise guidance off",
+          "model_no_color_fix": "demo model, colour fix off",
+          "vae": "VAE reconstruction of the HR photo (the bound)"}
+# Downscalings besides the paper's Table 6 levels.
+PLAIN_LEVELS = {"bicubic": "plain bicubic x4 downscaling (Pillow, antialiased)"}
+
+
+def level_label(level: str) -> str:
+    return PLAIN_LEVELS.get(level, f"paper Table 6 '{level}' degradation")
 
 
 def skimage_photo(name: str) -> np.ndarray:
@@ -66,51 +77,39 @@ def prepare_hr(img: np.ndarray, max_side: int, scale: int) -> np.ndarray:
     return np.ascontiguousarray(img[top : top + ch, left : left + cw])
 
 
+def low_resolution(hr: np.ndarray, level: str, scale: int, rng: np.random.Generator) -> np.ndarray:
+    """The uint8 LR image of an HR photo: a Table 6 level, or plain bicubic downscaling."""
+    if level == "bicubic":
+        from PIL import Image
+
+        h, w = hr.shape[:2]
+        return np.asarray(Image.fromarray(hr).resize((w // scale, h // scale), Image.Resampling.BICUBIC))
+    return np.round(degrade_level(hr, level, rng) * 255.0).astype(np.uint8)
+
+
 def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str | Path | None = None,
              device: str = "cpu") -> dict[str, Any]:
-    """Scores of bicubic / model / model without noise guidance (/ without colour fix) on each
-    photo, their means, and the learner's degradation_retrieval over the photos. `model` is a
-    DeeDSR model or a checkpoint folder. With `out_dir`, the LR and the results of each photo
-    are written there as PNGs."""
+    """For each downscaling in cfg.levels and each photo, the scores of bicubic, the model with the
+    checkpoint's default sampler and with eta 0; for the first level also the model without
+    noise guidance (/ without its colour fix) and the VAE's reconstruction of the HR photo (what
+    bounds the model). Means per level, and the learner's degradation_retrieval over the photos.
+    `model` is a DeeDSR model or a checkpoint folder. With `out_dir`, the LR images and results
+    are written there as PNGs (<photo>_<level>_<method>.png)."""
     import torch
-    from PIL import Image
 
     from ..models import load_checkpoint
     from ..pipeline import DeeDSRPipeline
-    from ..runtime.imageops import bicubic_upscale
 
     if isinstance(model, (str, Path)):
         model = load_checkpoint(model)
-    scale = model.config.upscale
     pipe = DeeDSRPipeline(model, device)
-    rows = []
-    for i, (name, photo) in enumerate(photos.items()):
-        hr = prepare_hr(photo, cfg.max_side, scale)
-        lr = degrade_level(hr, cfg.level, np.random.Generator(np.random.PCG64([cfg.seed, i])))
-        lr8 = np.round(lr * 255.0).astype(np.uint8)
-        t0 = time.monotonic()
-        results = {
-            "bicubic": np.round(np.clip(bicubic_upscale(lr8.astype(np.float32) / 255.0, scale), 0, 1) * 255).astype(np.uint8),
-            "model": pipe(lr8, seed=cfg.seed, steps=cfg.steps),
-            "model_no_noise_guidance": pipe(lr8, seed=cfg.seed, steps=cfg.steps, noise_guidance_steps=()),
-        }
-        if model.config.sampler.color_fix != "none":
-            results["model_no_color_fix"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, color_fix="none")
-        seconds = time.monotonic() - t0
-        row: dict[str, Any] = {"photo": name, "hr_size": [int(hr.shape[1]), int(hr.shape[0])],
-                               "lr_size": [int(lr8.shape[1]), int(lr8.shape[0])], "seconds": round(seconds, 1)}
-        for method, img in results.items():
-            row[method] = {
-                "psnr": round(psnr(img, hr, crop_border=cfg.crop_border), 3),
-                "ssim": round(ssim(img, hr, crop_border=cfg.crop_border), 4),
-            }
-        rows.append(row)
-        if out_dir is not None:
-            folder = Path(out_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(lr8).save(folder / f"{name}_lr.png")
-            for method, img in results.items():
-                Image.fromarray(img).save(folder / f"{name}_{method}.png")
+    levels = {}
+    for k, level in enumerate(cfg.levels):
+        rows = [_evaluate_photo(pipe, name, photo, level, i, cfg, first=k == 0, out_dir=out_dir)
+                for i, (name, photo) in enumerate(photos.items())]
+        methods = [m for m in METHODS if m in rows[0]]
+        mean = {m: {key: round(float(np.mean([r[m][key] for r in rows])), 4) for key in ("psnr", "ssim")} for m in methods}
+        levels[level] = {"photos": rows, "mean": mean}
     learner = model.learner.eval()
     param = next(learner.parameters())
     crop = min(256, *(min(p.shape[:2]) for p in photos.values())) // 16 * 16
@@ -120,36 +119,83 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
             retrieval = degradation_retrieval(
                 lambda x: learner(torch.from_numpy(x).to(param.device, param.dtype)).float().cpu().numpy(), photos,
                 crop_size=crop, seed=cfg.seed)
-    methods = [m for m in METHODS if m in rows[0]]
-    mean = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in ("psnr", "ssim")} for m in methods}
     return {
-        "level": cfg.level,
+        "levels": levels,
         "color_fix": model.config.sampler.color_fix,
+        "eta": model.config.sampler.eta,
         "seed": cfg.seed,
         "steps": cfg.steps,
         "crop_border": cfg.crop_border,
         "metric": "PSNR (dB) / SSIM on the BT.601 Y channel",
-        "photos": rows,
-        "mean": mean,
         "learner_degradation_retrieval": retrieval,
     }
 
 
+def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, cfg: EvalConfig, *, first: bool,
+                    out_dir: str | Path | None) -> dict[str, Any]:
+    import torch
+    from PIL import Image
+
+    from ..runtime.imageops import bicubic_upscale
+
+    scale = pipe.config.upscale
+    hr = prepare_hr(photo, cfg.max_side, scale)
+    lr8 = low_resolution(hr, level, scale, np.random.Generator(np.random.PCG64([cfg.seed, index])))
+    t0 = time.monotonic()
+    results = {
+        "bicubic": np.round(np.clip(bicubic_upscale(lr8.astype(np.float32) / 255.0, scale), 0, 1) * 255).astype(np.uint8),
+        "model": pipe(lr8, seed=cfg.seed, steps=cfg.steps),
+        "model_eta0": pipe(lr8, seed=cfg.seed, steps=cfg.steps, eta=0.0),
+    }
+    if first:
+        results["model_no_noise_guidance"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, noise_guidance_steps=())
+        if pipe.config.sampler.color_fix != "none":
+            results["model_no_color_fix"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, color_fix="none")
+        results["vae"] = vae_reconstruction(pipe, hr)
+    row: dict[str, Any] = {"photo": name, "hr_size": [int(hr.shape[1]), int(hr.shape[0])],
+                           "lr_size": [int(lr8.shape[1]), int(lr8.shape[0])], "seconds": round(time.monotonic() - t0, 1)}
+    for method, img in results.items():
+        row[method] = {"psnr": round(psnr(img, hr, crop_border=cfg.crop_border), 3),
+                       "ssim": round(ssim(img, hr, crop_border=cfg.crop_border), 4)}
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lr8).save(folder / f"{name}_{level}_lr.png")
+        for method, img in results.items():
+            Image.fromarray(img).save(folder / f"{name}_{level}_{method}.png")
+    return row
+
+
+def vae_reconstruction(pipe, hr: np.ndarray) -> np.ndarray:
+    """HR uint8 -> the pipeline's (tiled) VAE encode + decode -> uint8 (edge-padded to whole latents)."""
+    import torch
+
+    h, w = hr.shape[:2]
+    down = pipe.config.latent_downscale
+    padded = np.pad(hr, ((0, -h % down), (0, -w % down), (0, 0)), mode="edge")
+    with torch.no_grad():
+        x = torch.from_numpy(padded.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)[None].to(pipe.device)
+        rec = pipe.vae.decode(pipe.vae.encode(x)).clamp(-1, 1)
+    return np.round((rec[0].permute(1, 2, 0).cpu().numpy()[:h, :w] + 1) * 127.5).astype(np.uint8)
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown table of an evaluate() report."""
-    names = [r["photo"] for r in report["photos"]]
-    head = "| method | " + " | ".join(f"{n} PSNR / SSIM" for n in names) + " | mean PSNR / SSIM |"
-    sep = "|---" * (len(names) + 2) + "|"
-    lines = [head, sep]
-    for m in (m for m in METHODS if m in report["mean"]):
-        cells = [f"{r[m]['psnr']:.2f} / {r[m]['ssim']:.4f}" for r in report["photos"]]
-        mean = report["mean"][m]
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {mean['psnr']:.2f} / {mean['ssim']:.4f} |")
+    """Markdown tables of an evaluate() report, one per downscaling."""
+    lines: list[str] = []
+    for level, result in report["levels"].items():
+        names = [r["photo"] for r in result["photos"]]
+        lines += [f"{level_label(level).capitalize()}:", "",
+                  "| method | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
+        for m in (m for m in METHODS if m in result["mean"]):
+            cells = [f"{r[m]['psnr']:.2f} / {r[m]['ssim']:.3f}" for r in result["photos"]]
+            mean = result["mean"][m]
+            lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | **{mean['psnr']:.2f} / {mean['ssim']:.3f}** |")
+        lines.append("")
     probe = report.get("learner_degradation_retrieval")
     if probe:
-        lines += ["", f"Degradation learner, cross-photo degradation retrieval: {probe['accuracy']:.3f} "
-                      f"(chance {probe['chance']:.3f}, {probe['samples']} degraded crops; see degradation_retrieval)."]
-    return "\n".join(lines)
+        lines.append(f"Degradation learner, cross-photo degradation retrieval: {probe['accuracy']:.3f} "
+                     f"(chance {probe['chance']:.3f}, {probe['samples']} degraded crops; see degradation_retrieval).")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> None:
