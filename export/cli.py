@@ -76,7 +76,6 @@ def main(checkpoint, preset, out, trt_target, precision, opset, tile, min_size, 
 
     start = time.perf_counter()
     try:
-        model = _load(checkpoint, preset)
         names = [*REQUIRED_GRAPHS, *(g for g in OPTIONAL_GRAPHS if fuse_denoiser or g != DENOISER)]
         with tqdm(total=len(names), desc="export", unit="graph", file=sys.stderr) as bar:
             def progress(name):
@@ -85,7 +84,7 @@ def main(checkpoint, preset, out, trt_target, precision, opset, tile, min_size, 
                     bar.update(1)
 
             path = export_engine_dir(
-                model, out, precisions=precisions, opset=opset, tile=tile, min_size=min_size,
+                lambda: _load(checkpoint, preset), out, precisions=precisions, opset=opset, tile=tile, min_size=min_size,
                 max_size=max_size, max_batch=max_batch, fuse_denoiser=fuse_denoiser, force=force,
                 vae_tiling=VaeTiling(**{k: v for k, v in (("core", vae_tile), ("pad", vae_tile_pad)) if v is not None}),
                 measure_memory=measure_memory,

@@ -1,4 +1,10 @@
-"""torch module -> checked ONNX file, and fp32 -> fp16 for strongly typed TensorRT."""
+"""torch module -> checked ONNX file, and fp32 -> fp16 for strongly typed TensorRT.
+
+A graph whose weights pass the protobuf limit (the sd21-base UNet: 3.5 GB) never exists in
+memory as a whole: the tracer writes its weights to files, onnx_ir maps them while the graph is
+simplified and streams them into one `<name>.data` file, and the fp16 graph is converted from
+the structure alone, its weights cast one tensor at a time.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,14 +12,16 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from deedsr.runtime.integrity import sha256_files
-from onnx.external_data_helper import load_external_data_for_model
 
 from .graphs import GraphSpec
 
 PROTOBUF_LIMIT = 2**31 - 1
+# onnxconverter_common's defaults, spelled out: the streamed fp16 conversion casts the same way.
+FP16_MIN_POSITIVE, FP16_MAX_FINITE = 1e-7, 1e4
 # Kept in fp32 inside fp16 graphs: normalisation statistics, softmax, the timestep embedding.
 FP32_OPS = ["InstanceNormalization", "LayerNormalization", "Softmax", "Sin", "Cos", "Exp", "Pow", "Sqrt",
             "ReduceMean", "Erf"]
@@ -21,55 +29,67 @@ DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "flo
                onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
 
 
-def save(model: onnx.ModelProto, path: Path) -> Path | None:
-    """Save; a graph over the protobuf limit keeps its weights in one `<name>.data` file beside it."""
-    data = path.with_name(path.name + ".data")
-    large = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - 2**26
-    if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        # saving moved the weights out of the proto; bring them back for the caller
-        load_external_data_for_model(model, str(path.parent))
+def is_large(model) -> bool:
+    """Does this graph (onnx_ir model) keep its weights in an external data file?"""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) \
+        > PROTOBUF_LIMIT - 2**26
+
+
+def save(model, path: Path) -> Path | None:
+    """Save an onnx_ir model; a graph over the protobuf limit keeps its weights in one
+    `<name>.data` file beside it (written tensor by tensor)."""
+    import onnx_ir as ir
+
+    if is_large(model):
+        data = path.with_name(path.name + ".data")
+        ir.save(model, path, external_data=data.name, size_threshold_bytes=1024)
         return data
-    onnx.save_model(model, str(path))
+    ir.save(model, path)
     return None
 
 
-def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+def structure(path: Path) -> onnx.ModelProto:
+    """The graph without its external weights (the operators, names and types)."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+def simplify(model) -> None:
     """onnxscript's optimizer passes without its pattern rewriter (whose matching grows
     superlinearly with graph size: 73 s for the tiny fused denoiser, for no fusion TensorRT
-    or ONNX Runtime would not do itself): fold constants (with shape inference, which also
-    gives the fp16 converter the value types it relies on), drop Identity chains and unused
-    nodes, lift constants to initializers."""
+    or ONNX Runtime would not do itself), in place on an onnx_ir model: fold constants (with
+    shape inference, which also gives the fp16 converter the value types it relies on), drop
+    Identity chains and unused nodes, lift constants to initializers."""
     import onnx_ir as ir
     import onnx_ir.passes.common as passes
     from onnxscript.optimizer import fold_constants
 
-    graph = ir.from_proto(model)
-    fold_constants(graph, onnx_shape_inference=True)
+    fold_constants(model, onnx_shape_inference=True)
     ir.passes.Sequential(
         passes.IdentityEliminationPass(),
         passes.RemoveUnusedNodesPass(),
         passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         passes.OutputFixPass(),
         passes.NameFixPass(),
-    )(graph)
-    return ir.to_proto(graph)
+    )(model)
 
 
-def export_graph(spec: GraphSpec, path: Path, example: tuple, opset: int) -> onnx.ModelProto:
-    """Trace with the TorchScript exporter (dynamic axes by name), then simplify."""
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        raw = Path(scratch) / path.name
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                spec.module.eval(), example, str(raw), dynamo=False, opset_version=opset,
-                input_names=[n for n, _ in spec.inputs], output_names=[n for n, _ in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
-            )
-        model = onnx.load(str(raw))
-    return simplify(model)
+def export_graph(spec: GraphSpec, scratch: Path, example: tuple, opset: int):
+    """Trace with the TorchScript exporter (dynamic axes by name) into `scratch`, then load it
+    with onnx_ir (external weights stay on disk, memory-mapped, until saved) and simplify. The
+    result reads from `scratch`: save it before removing that folder."""
+    import onnx_ir as ir
+
+    raw = scratch / f"{spec.name}.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            spec.module.eval(), example, str(raw), dynamo=False, opset_version=opset,
+            input_names=[n for n, _ in spec.inputs], output_names=[n for n, _ in spec.outputs],
+            dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+        )
+    model = ir.load(raw)
+    simplify(model)
+    return model
 
 
 def to_fp16(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelProto:
@@ -84,8 +104,8 @@ def to_fp16(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = float16.convert_float_to_float16(
-            copy, keep_io_types=True, disable_shape_infer=True,
-            op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS)),
+            copy, keep_io_types=True, disable_shape_infer=True, min_positive_val=FP16_MIN_POSITIVE,
+            max_finite_val=FP16_MAX_FINITE, op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS)),
         )
     _restore_fp32_outputs(converted)
     return converted
@@ -105,8 +125,46 @@ def _restore_fp32_outputs(model: onnx.ModelProto) -> None:
         tensor_type.elem_type = onnx.TensorProto.FLOAT
 
 
+def fp16_file(src: Path, dst: Path) -> Path | None:
+    """The fp16 graph of the fp32 graph at `src`, written to `dst`; returns its data file, if any.
+
+    A graph with external weights is converted from its structure (the converter only flips
+    the type of an external tensor), then each weight is read, cast like the converter casts
+    (clamped to its finite range) and appended to `<dst>.data`: one tensor in memory at a time."""
+    proto = structure(src)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        onnx.load_external_data_for_model(proto, str(src.parent))
+        onnx.save_model(to_fp16(proto, in_place=True), str(dst))
+        return None
+    source_types = {t.name: t.data_type for t in external}
+    converted = to_fp16(proto, in_place=True)
+    data = dst.with_name(dst.name + ".data")
+    with open(data, "wb") as out:
+        for tensor in converted.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            with open(src.parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                raw = f.read(int(info["length"]))
+            if source_types.get(tensor.name) == onnx.TensorProto.FLOAT and tensor.data_type == onnx.TensorProto.FLOAT16:
+                from onnxconverter_common.float16 import convert_np_to_float16
+
+                raw = convert_np_to_float16(np.frombuffer(raw, np.float32), FP16_MIN_POSITIVE, FP16_MAX_FINITE).tobytes()
+            out.seek(-out.tell() % 4096, 1)  # page-aligned, as onnx's own writer does for large tensors
+            offset = out.tell()
+            out.write(raw)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                tensor.external_data.add(key=key, value=value)
+    onnx.save_model(converted, str(dst))
+    return data
+
+
 def check(path: Path) -> None:
-    """Full onnx.checker pass (external data included) and strict shape inference."""
+    """Full onnx.checker pass and strict shape inference (both read the graph file; external
+    weights are checked to exist and fit, not loaded)."""
     onnx.checker.check_model(str(path), full_check=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         onnx.shape_inference.infer_shapes_path(str(path), str(Path(scratch) / "inferred.onnx"), strict_mode=True)

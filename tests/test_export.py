@@ -221,3 +221,34 @@ def test_cli_unwritable_destination_leaves_nothing(tmp_path):
 def test_engine_directory_is_readable_by_others(tiny_engine_dir):
     modes = {p.relative_to(tiny_engine_dir): p.stat().st_mode & 0o777 for p in [tiny_engine_dir, *tiny_engine_dir.rglob("*")]}
     assert all(m in (0o755, 0o644) for m in modes.values()), modes
+
+
+def test_graphs_over_the_protobuf_limit_are_streamed_and_equal(tiny_model, tiny_engine_dir, manifest, specs,
+                                                                tmp_path, monkeypatch):
+    """What the sd21-base UNet does (3.5 GB of weights), forced on the tiny adapter and UNet
+    with a lower limit: weights in one <name>.onnx.data file per precision, fp16 cast tensor by
+    tensor, and the same weights and outputs as the in-memory path."""
+    from onnx.numpy_helper import to_array
+
+    from deedsr.export import onnx_io
+
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 2**26 + 3_000_000)  # the UNet (10 MB) over, the learner under
+    out = export_engine_dir(tiny_model, tmp_path / "streamed", tile=16, min_size=16, max_size=128, max_batch=4)
+    streamed = json.loads((out / "manifest.json").read_text())
+    for precision in ("fp32", "fp16"):
+        unet = streamed["graphs"]["unet"]["precisions"][precision]
+        assert unet["external_data"] == f"{precision}/unet.onnx.data" and (out / unet["external_data"]).is_file()
+        assert streamed["graphs"]["degradation_learner"]["precisions"][precision]["external_data"] is None
+        assert sorted(p.name for p in (out / precision).iterdir()) == sorted(
+            [f"{g}.onnx" for g in streamed["graphs"]] +
+            [f"{g}.onnx.data" for g, e in streamed["graphs"].items() if e["precisions"][precision]["external_data"]])
+        for name in ("unet", "adapter"):
+            a = onnx.load(str(out / streamed["graphs"][name]["precisions"][precision]["file"]))
+            b = onnx.load(str(tiny_engine_dir / manifest["graphs"][name]["precisions"][precision]["file"]))
+            wa = {t.name: to_array(t) for t in a.graph.initializer}
+            wb = {t.name: to_array(t) for t in b.graph.initializer}
+            assert wa.keys() == wb.keys()
+            assert all(wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]) for k in wa), (name, precision)
+        refs, gots = run_both(out, streamed, specs["unet"], precision, 2, 16, 16)
+        _, expected = run_both(tiny_engine_dir, manifest, specs["unet"], precision, 2, 16, 16)
+        assert all(np.array_equal(g, e) for g, e in zip(gots, expected))
