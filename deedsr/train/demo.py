@@ -184,6 +184,55 @@ def _run_stage(stage_cls, cfg, info) -> dict[str, Any]:
             "resumed": resume}
 
 
+def stage_history(out_dir: Path) -> dict[str, Any]:
+    """Steps, wall minutes (all runs of a resumed stage) and the logged loss at the first and
+    last log lines, from <stage>/logs/metrics.jsonl."""
+    path = out_dir / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    seconds, last = 0.0, 0.0
+    for row in rows:  # elapsed_s restarts with every resumed run
+        t = float(row.get("elapsed_s", 0.0))
+        if t < last:
+            seconds += last
+        last = t
+    seconds += last
+    return {"wall_minutes": round(seconds / 60, 1), "loss_first": [rows[0]["step"], round(rows[0]["loss"], 4)],
+            "loss_last": [rows[-1]["step"], round(rows[-1]["loss"], 4)]}
+
+
+def eval_markdown(plan: DemoPlan, command: str, provenance: dict[str, Any], report: dict[str, Any], table: str) -> str:
+    demo = plan.demo
+    stage_lines = []
+    for name, st in provenance["stages"].items():
+        loss = (f"; logged loss {st['loss_first'][1]:.4g} at step {st['loss_first'][0]} -> {st['loss_last'][1]:.4g} "
+                f"at step {st['loss_last'][0]}") if "loss_first" in st else ""
+        minutes = st.get("wall_minutes", st.get("minutes", "?"))
+        stage_lines.append(f"- {name}: {st['steps']} of {st['planned_steps']} planned steps, {minutes} min{loss}")
+    files = [f"{photo_name(f)} (`{f}`)" for f in demo.photo_files]
+    heldout_files = [f"{photo_name(f)} (`{f}`)" for f in demo.heldout_files]
+    return (
+        "# Demo weights\n\n"
+        f"Trained with `{command}` ({sum(st.get('wall_minutes', 0) for st in provenance['stages'].values()):.1f} "
+        "min of training, "
+        f"{provenance['machine']['cpu_threads']} torch CPU thread(s)); config: `{plan.path}` (copied into "
+        f"training.json); model: `{demo.model}`; weights stored as {demo.weights_dtype}.\n\n"
+        "Stages (wall time over every run of the stage; a stage stops at its planned steps or at max_minutes):\n\n"
+        + "\n".join(stage_lines) + "\n\n"
+        f"Training photos ({len(demo.train_photos) + len(files)}): scikit-image {', '.join(demo.train_photos)}"
+        + (f"; photo files, shorter side at most {demo.photo_short_side} px: " + ", ".join(files) if files else "")
+        + ".\n\n"
+        f"Held-out photos ({len(demo.heldout_photos) + len(heldout_files)}, never seen in training): scikit-image "
+        f"{', '.join(demo.heldout_photos)}" + ("; " + ", ".join(heldout_files) if heldout_files else "") + ".\n\n"
+        f"Evaluation ({provenance['eval_minutes']:.1f} min): HR centre crops of at most {plan.eval.max_side or 'any'} px, "
+        f"x4, {plan.eval.steps} DDIM steps (eta {report['eta']} by default), seed {plan.eval.seed}, "
+        f"PSNR (dB) / SSIM on Y, border {plan.eval.crop_border}:\n\n" + table
+    )
+
+
 def run_demo(config_path: str | Path, out: str | Path, command: str = "", restart: bool = False) -> dict[str, Any]:
     """Train the demo model and write it, its provenance and its evaluation to `out`."""
     from ..checkpoints import save_checkpoint
@@ -235,16 +284,11 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
                     "platform": platform.platform()},
     }
+    for name in stages:
+        stages[name].update(stage_history(plan.work / name))
+    provenance["stages"] = stages
     (out / "training.json").write_text(json.dumps(provenance, indent=2) + "\n")
     table = format_table(report)
-    (out / "EVAL.md").write_text(
-        "# Demo weights\n\n"
-        f"Trained with `{command}` ({round(train_minutes, 1)} min of training, "
-        f"{torch.get_num_threads()} torch CPU thread(s)); config: `{plan.path}` (copied into training.json); "
-        f"weights stored as {plan.demo.weights_dtype}.\n\n"
-        f"Held-out scikit-image photos ({', '.join(plan.demo.heldout_photos)}), paper Table 6 '{plan.eval.level}' "
-        f"degradation (seed {plan.eval.seed}), x4, {plan.eval.steps} DDIM steps, "
-        f"PSNR (dB) / SSIM on Y, border {plan.eval.crop_border}:\n\n" + table + "\n"
-    )
+    (out / "EVAL.md").write_text(eval_markdown(plan, command, provenance, report, table))
     log.info("demo: wrote %s\n%s", out, table)
     return {"out": str(out), "stages": stages, "eval": report, "table": table, "train_minutes": train_minutes}
