@@ -177,6 +177,9 @@ class DemoConfig:
     photo_files: list[str] = field(default_factory=list)
     heldout_files: list[str] = field(default_factory=list)
     photo_short_side: int = 768
+    # A trained VAE to reuse (a checkpoint folder holding vae.safetensors) instead of the [vae]
+    # stage; its config (widths, scaling factor) replaces the model's VAE config.
+    vae_checkpoint: str = ""
     weights_dtype: str = "float32"  # float32 | float16 (halves the committed files)
     color_fix: str = "none"  # the sampler default written into the checkpoint: none | adain | wavelet
 

@@ -98,7 +98,7 @@ def load_demo(path: str | Path) -> DemoPlan:
     stage1 = stage(Stage1Config, "stage1", out_dir=str(work / "stage1"))
     stage2 = stage(
         Stage2Config, "stage2", out_dir=str(work / "stage2"),
-        vae=str(work / "vae" / "vae"), learner=str(work / "stage1" / "learner"),
+        vae=demo.vae_checkpoint or str(work / "vae" / "vae"), learner=str(work / "stage1" / "learner"),
     )
     evaluation = config_from_dict(EvalConfig, raw.get("eval", {}), f"{path}: eval")
     return DemoPlan(path, demo, vae, stage1, stage2, evaluation)
@@ -208,6 +208,9 @@ def eval_markdown(plan: DemoPlan, command: str, provenance: dict[str, Any], repo
     demo = plan.demo
     stage_lines = []
     for name, st in provenance["stages"].items():
+        if "reused_from" in st:
+            stage_lines.append(f"- {name}: not trained in this run; taken from `{st['reused_from']}` (demo.vae_checkpoint)")
+            continue
         loss = (f"; logged loss {st['loss_first'][1]:.4g} at step {st['loss_first'][0]} -> {st['loss_last'][1]:.4g} "
                 f"at step {st['loss_last'][0]}") if "loss_first" in st else ""
         minutes = st.get("wall_minutes", st.get("minutes", "?"))
@@ -252,6 +255,10 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     t0 = time.monotonic()
     stages = {}
     for cls, cfg in ((VaeStage, plan.vae), (Stage1, plan.stage1), (Stage2, plan.stage2)):
+        if cls is VaeStage and plan.demo.vae_checkpoint:
+            log.info("demo: vae from %s", plan.demo.vae_checkpoint)
+            stages[cls.name] = {"reused_from": plan.demo.vae_checkpoint}
+            continue
         log.info("demo: %s", cls.name)
         stages[cls.name] = _run_stage(cls, cfg, info)
     train_minutes = (time.monotonic() - t0) / 60
@@ -285,7 +292,8 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
                     "platform": platform.platform()},
     }
     for name in stages:
-        stages[name].update(stage_history(plan.work / name))
+        if "reused_from" not in stages[name]:
+            stages[name].update(stage_history(plan.work / name))
     provenance["stages"] = stages
     (out / "training.json").write_text(json.dumps(provenance, indent=2) + "\n")
     table = format_table(report)
