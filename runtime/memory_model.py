@@ -2,13 +2,17 @@
 that keep it under a limit.
 
 Model (CPU backends; every term is measured, none guessed):
-    peak = resident + max over graphs of working(graph, its input size) + host(LR pixels)
+    peak = resident + max(working of each graph at its input size, sum over the per-step graphs)
+           + host(LR pixels)
 - resident: RSS once every graph the runtime uses is loaded (weights, sessions, libraries);
 - working(graph, n): what one call adds on top (activations in onnxruntime's arena, which keeps
   its peak), measured at export at a few sizes n and interpolated (a + b n + c n^2: attention
   is quadratic). n is the graph's spatial size: LR pixels for the learner, window pixels for
   the tiled VAE, batch x tile pixels for the per-step graphs. With one shared arena the graphs'
-  working sets overlap rather than add, hence the max;
+  working sets mostly overlap rather than add, hence the max; except the per-step graphs, the
+  adapter and the UNet, which run back to back with the adapter's outputs alive and add up
+  (sd21-base, LR 256, batch 4: measured peak 9.76 GiB = resident 4.53 + host 0.15 + adapter
+  2.27 + UNet 2.79, where the max alone said 7.47);
 - host: the numpy arrays of one image (x4 image, decoded image, colour fix, latents), bytes per
   LR pixel, measured on this runtime (benchmarks/bench_memory.py) and independent of the model.
 The manifest's "memory" entry (export/memory.py) holds resident and the working points.
@@ -80,6 +84,7 @@ class MemoryModel:
         entry = manifest.data.get("memory", {}).get(precision)
         self.measured = entry is not None
         self.graphs = runtime_graphs(manifest, precision, use_denoiser)
+        self.step = set(step_graphs(use_denoiser))
         self.resident = int(entry["resident"]) if entry else None
         self.load_peak = int(entry["load_peak"]) if entry else None
         self._fits = {g: fit([tuple(p) for p in entry["graphs"][g]["points"]],
@@ -110,7 +115,8 @@ class MemoryModel:
         working = {g: self.working(g, n) for g, n in sizes.items()}
         host = HOST_BYTES_PER_LR_PIXEL * height * width
         base = max(self.resident or 0, self.load_peak or 0)  # loading may pass the settled resident set
-        total = base + max(working.values()) + host
+        step = sum(w for g, w in working.items() if g in self.step)
+        total = base + max(*working.values(), step) + host
         return Plan(vae_core, tile, batch, int(total), {"resident": base, "host": host, **working})
 
     def vae_cores(self) -> list[int]:
