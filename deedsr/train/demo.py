@@ -271,10 +271,10 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     out = Path(out)
     save_checkpoint(model, out, dtype=dtype)
 
-    log.info("demo: evaluating on the held-out photos %s", ", ".join(plan.demo.heldout_photos))
     t1 = time.monotonic()
     photos = {name: skimage_photo(name) for name in plan.demo.heldout_photos}
     photos.update({photo_name(f): _read_png(plan.heldout_dir / f"{photo_name(f)}.png") for f in plan.demo.heldout_files})
+    log.info("demo: evaluating on the held-out photos %s", ", ".join(photos))
     report = evaluate(out, photos, plan.eval, out_dir=plan.work / "eval")
     eval_minutes = (time.monotonic() - t1) / 60
     write_report(report, out / "eval.json")
