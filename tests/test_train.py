@@ -126,11 +126,12 @@ def test_shipped_configs_have_the_papers_values():
     assert not s2.train_backbone
     from deedsr.train.demo import load_demo
 
-    for name, vae in (("demo-tiny", "deedsr/assets/demo"), ("demo-smoke", "runs/demo-smoke/vae/vae")):
+    for name, vae in (("demo-tiny", "runs/demo-tiny/vae/vae"), ("demo-smoke", "runs/demo-smoke/vae/vae"),
+                      ("demo-wide", "deedsr/assets/demo")):
         plan = load_demo(f"configs/{name}.toml")
         assert plan.stage2.learner.endswith("stage1/learner") and plan.stage2.vae == vae
         assert not set(plan.demo.train_photos) & set(plan.demo.heldout_photos)
-    # the shipped demo reuses the VAE it ships: its stage II config takes that VAE's settings
+    # demo-wide reuses the shipped demo's VAE: its stage II config takes that VAE's settings
     from deedsr.train.artifacts import resolve_model_config
 
     assert resolve_model_config("deedsr/assets/demo", "vae").vae["block_out_channels"] == [16, 32, 32, 32]
