@@ -11,10 +11,11 @@ Model (CPU backends; every term is measured, none guessed):
   the tiled VAE, batch x tile pixels for the per-step graphs. With one shared arena the graphs'
   working sets mostly overlap rather than add, hence the max; except the per-step graphs, the
   adapter and the UNet, which run back to back with the adapter's outputs alive and add up
-  (sd21-base, LR 256, batch 4: measured peak 9.76 GiB = resident 4.53 + host 0.15 + adapter
-  2.27 + UNet 2.79, where the max alone said 7.47);
+  (sd21-base, LR 256, batch 4: measured peak 9.76 GiB; resident 4.53 + host 0.21 + adapter
+  2.27 + UNet 2.79 = 9.80, where the max alone said 7.53);
 - host: the numpy arrays of one image (x4 image, decoded image, colour fix, latents), bytes per
-  LR pixel, measured on this runtime (benchmarks/bench_memory.py) and independent of the model.
+  LR pixel, plus a fixed share for the process itself, measured on this runtime
+  (benchmarks/bench_memory.py) and independent of the model.
 The manifest's "memory" entry (export/memory.py) holds resident and the working points.
 """
 from __future__ import annotations
@@ -39,6 +40,11 @@ from .vae_tiling import vae_tiles
 # benchmarks/bench_memory.py (peak - resident - largest working set: 3.2 KB/px at 512x512,
 # 2.1 KB/px at 1024x768; 2400 keeps both within +-15 %).
 HOST_BYTES_PER_LR_PIXEL = 2400
+# What the runtime process holds beyond the probe's resident set whatever the image (its own
+# Python objects, Pillow, the sampler, allocator arenas of the threads that ran graphs): peak -
+# resident - working - per-pixel host arrays came to 40-90 MB at LR 64-128 once onnxruntime's
+# memory patterns were off (demo architecture and the tiny preset; sd21-base within 0.1 GiB).
+HOST_FIXED_BYTES = 64 << 20
 SMALLEST_VAE_CORE = 8
 
 
@@ -113,7 +119,7 @@ class MemoryModel:
             else:
                 sizes[g] = batch * th * tw
         working = {g: self.working(g, n) for g, n in sizes.items()}
-        host = HOST_BYTES_PER_LR_PIXEL * height * width
+        host = HOST_FIXED_BYTES + HOST_BYTES_PER_LR_PIXEL * height * width
         base = max(self.resident or 0, self.load_peak or 0)  # loading may pass the settled resident set
         step = sum(w for g, w in working.items() if g in self.step)
         total = base + max(*working.values(), step) + host
@@ -162,4 +168,4 @@ def choose_plan(model: MemoryModel, height: int, width: int, tile: int, batch: i
 def batch_bytes(plans: list[Plan]) -> int:
     """Peak of images sampled together: the largest single-image peak plus the others' host arrays."""
     top = max(plans, key=lambda p: p.bytes)
-    return top.bytes + sum(p.parts.get("host", 0) for p in plans if p is not top)
+    return top.bytes + sum(max(p.parts.get("host", 0) - HOST_FIXED_BYTES, 0) for p in plans if p is not top)
