@@ -131,6 +131,8 @@ def fp16_file(src: Path, dst: Path) -> Path | None:
     A graph with external weights is converted from its structure (the converter only flips
     the type of an external tensor), then each weight is read, cast like the converter casts
     (clamped to its finite range) and appended to `<dst>.data`: one tensor in memory at a time."""
+    from onnxconverter_common.float16 import convert_np_to_float16
+
     proto = structure(src)
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
@@ -149,8 +151,6 @@ def fp16_file(src: Path, dst: Path) -> Path | None:
                 f.seek(int(info.get("offset", 0)))
                 raw = f.read(int(info["length"]))
             if source_types.get(tensor.name) == onnx.TensorProto.FLOAT and tensor.data_type == onnx.TensorProto.FLOAT16:
-                from onnxconverter_common.float16 import convert_np_to_float16
-
                 raw = convert_np_to_float16(np.frombuffer(raw, np.float32), FP16_MIN_POSITIVE, FP16_MAX_FINITE).tobytes()
             out.seek(-out.tell() % 4096, 1)  # page-aligned, as onnx's own writer does for large tensors
             offset = out.tell()

@@ -129,29 +129,22 @@ def prepare_photos(plan: DemoPlan) -> None:
 
 def _photo_file(plan: DemoPlan, file: Path):
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .data import DataError, load_rgb
 
     if not file.is_file():
         raise ConfigError(f"{plan.path}: demo: photo file {file} not found (the demo config names Debian wallpaper "
                           "packages to install for it)")
     try:
-        with Image.open(file) as im:
-            im = im.convert("RGB")
-            short = min(im.size)
-            if short > plan.demo.photo_short_side:
-                f = plan.demo.photo_short_side / short
-                im = im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.LANCZOS)
-            return np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ConfigError(f"{plan.path}: demo: {file}: unreadable image ({e})") from None
-
-
-def _read_png(path: Path):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        im = Image.fromarray(load_rgb(file))
+    except DataError as e:
+        raise ConfigError(f"{plan.path}: demo: {e}") from None
+    short = min(im.size)
+    if short > plan.demo.photo_short_side:
+        f = plan.demo.photo_short_side / short
+        im = im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.LANCZOS)
+    return np.asarray(im)
 
 
 def _write_png(target: Path, img) -> None:
@@ -239,6 +232,7 @@ def eval_markdown(plan: DemoPlan, command: str, provenance: dict[str, Any], repo
 def run_demo(config_path: str | Path, out: str | Path, command: str = "", restart: bool = False) -> dict[str, Any]:
     """Train the demo model and write it, its provenance and its evaluation to `out`."""
     from ..checkpoints import save_checkpoint
+    from .data import load_rgb
     from .dist import setup
     from .evaluate import evaluate, format_table, skimage_photo, write_report
     from .stage1 import Stage1
@@ -273,7 +267,7 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
 
     t1 = time.monotonic()
     photos = {name: skimage_photo(name) for name in plan.demo.heldout_photos}
-    photos.update({photo_name(f): _read_png(plan.heldout_dir / f"{photo_name(f)}.png") for f in plan.demo.heldout_files})
+    photos.update({photo_name(f): load_rgb(plan.heldout_dir / f"{photo_name(f)}.png") for f in plan.demo.heldout_files})
     log.info("demo: evaluating on the held-out photos %s", ", ".join(photos))
     report = evaluate(out, photos, plan.eval, out_dir=plan.work / "eval")
     eval_minutes = (time.monotonic() - t1) / 60

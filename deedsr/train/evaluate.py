@@ -133,7 +133,6 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
 
 def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, cfg: EvalConfig, *, first: bool,
                     out_dir: str | Path | None) -> dict[str, Any]:
-    import torch
     from PIL import Image
 
     from ..runtime.imageops import bicubic_upscale
