@@ -26,7 +26,7 @@ from .models import DeeDSR
 from .runtime.errors import Cancelled, StepInfo
 from .runtime.imageops import check_image
 from .runtime.profiles import get_profile
-from .runtime.sampler import INITS
+from .runtime.sampler import INITS, guided_for_steps
 from .runtime.tiling import gaussian_weights, tiles
 from .schedule import make_scheduler
 from .vae_tiling import TiledVae
@@ -47,6 +47,10 @@ class DeeDSRPipeline:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "noise_guidance_steps" in overrides:
             overrides["noise_guidance_steps"] = tuple(overrides["noise_guidance_steps"])
+        elif "steps" in overrides:  # the checkpoint's guided steps, at the same share of this step count
+            default = self.config.sampler
+            overrides["noise_guidance_steps"] = guided_for_steps(default.noise_guidance_steps, default.steps,
+                                                                 int(overrides["steps"]))
         cfg = replace(self.config.sampler, **overrides)
         if cfg.init not in INITS:
             raise ValueError(f"unknown init '{cfg.init}'; choose one of {', '.join(INITS)}")

@@ -67,6 +67,16 @@ class Schedule:
 
 
 # -------------------------------------------------------------------------- options
+def guided_for_steps(indices, default_steps: int, steps: int) -> tuple[int, ...]:
+    """Noise-guided step indices given for `default_steps` steps, moved to a run of `steps` so each
+    stays at the same share of the schedule (a default of 0..44 of 50 becomes 0..17 of 20);
+    negative indices count from the end and stay as they are."""
+    if steps == default_steps:
+        return tuple(indices)
+    moved = {i if i < 0 else i * steps // default_steps for i in indices}
+    return tuple(sorted(moved, key=lambda i: (i < 0, i)))
+
+
 @dataclass(frozen=True)
 class SamplerOptions:
     steps: int = 50

@@ -42,7 +42,7 @@ from .manifest import Manifest
 from .memory import available_memory, human_bytes
 from .memory_model import MemoryModel, Plan, batch_bytes, choose_plan, fits_message
 from .profiles import LATENT_STD, Profile, get_profile
-from .sampler import INITS, Job, SamplerOptions, Schedule, sample
+from .sampler import INITS, Job, SamplerOptions, Schedule, guided_for_steps, sample
 from .vae_tiling import VaeTiling, run_vae_graph
 from .validate import check_decoded, check_latent, check_noise_guidance, default_overlap
 
@@ -104,11 +104,13 @@ class Upscaler:
         d = self.manifest.sampler
         if tile is not None and tile_overlap is None:  # a tile alone: an overlap that fits it
             tile_overlap = default_overlap(tile, d["tile_overlap"])
+        steps = int(d["steps"] if steps is None else steps)
+        if noise_guidance_steps is None:  # the manifest's, at the same share of this step count
+            noise_guidance_steps = guided_for_steps([int(i) for i in d["noise_guidance_steps"]], int(d["steps"]), steps)
         opts = SamplerOptions(
-            steps=int(d["steps"] if steps is None else steps),
+            steps=steps,
             eta=float(d["eta"] if eta is None else eta),
-            noise_guidance_steps=tuple(int(i) for i in (d["noise_guidance_steps"] if noise_guidance_steps is None
-                                                        else noise_guidance_steps)),
+            noise_guidance_steps=tuple(int(i) for i in noise_guidance_steps),
             init=str(d["init"] if init is None else init),
             tile=int(d["tile"] if tile is None else tile),
             tile_overlap=int(d["tile_overlap"] if tile_overlap is None else tile_overlap),
@@ -357,7 +359,3 @@ def _rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _nchw(hwc: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1))[None]

@@ -1,6 +1,7 @@
 """The runtime's numpy sampler against the PyTorch reference, with the reference model itself
 behind the runtime's Backend interface (no ONNX): this isolates the host maths (schedule, DDIM,
 noise order, tiles, colour fix, bicubic, padding)."""
+import dataclasses
 import threading
 from collections import Counter
 
@@ -190,3 +191,28 @@ def test_bad_options_are_refused(torch_runtime, photo):
         torch_runtime.upscale(photo.astype(np.float32))
     with pytest.raises(ValueError, match="at least 8"):
         torch_runtime.upscale(photo[:4])
+
+
+def test_default_guided_steps_keep_their_share_of_the_schedule(tmp_path, tiny_model):
+    # a checkpoint whose default guides steps 0..44 of 50 (the model refines from t = 81 on):
+    # another --steps keeps that share instead of naming steps the run does not have
+    assert sampler.guided_for_steps(range(45), 50, 20) == tuple(range(18))
+    assert sampler.guided_for_steps((0, -1), 50, 10) == (0, -1)
+    assert sampler.guided_for_steps((3, 7), 50, 50) == (3, 7)
+    data = manifest_dict(tmp_path, tile=16, conditions=CONDITION_NAMES)
+    data["scheduler"]["alphas_cumprod"] = [float(a) for a in alphas_cumprod(SchedulerConfig())]
+    data["sampler"]["noise_guidance_steps"] = list(range(45))
+    m = Manifest.load(write(tmp_path, data))
+    runtime = Upscaler(m, TorchGraphs(m, tiny_model))
+    assert runtime.options().noise_guidance_steps == tuple(range(45))
+    opts = runtime.options(steps=20)
+    assert opts.noise_guidance_steps == tuple(range(18)) and opts.model_steps() == 2
+    assert runtime.options(steps=20, noise_guidance_steps=(0,)).noise_guidance_steps == (0,)
+    timesteps = sampler.Schedule(m.alphas_cumprod).timesteps(20)
+    assert timesteps[18] <= 81 < timesteps[17]  # the model still starts near t = 81
+    # the reference pipeline resolves a checkpoint default the same way
+    tiny_model.config.sampler = dataclasses.replace(tiny_model.config.sampler, noise_guidance_steps=tuple(range(45)))
+    try:
+        assert DeeDSRPipeline(tiny_model).sampler_config(steps=20).noise_guidance_steps == tuple(range(18))
+    finally:
+        tiny_model.config.sampler = dataclasses.replace(tiny_model.config.sampler, noise_guidance_steps=(0,))
