@@ -175,6 +175,8 @@ def test_schedule_and_colour_fix_options_are_checked(tmp_path):
         load_stage_config(_write(tmp_path, "[vae]\nlr_schedule = 'linear'\n"), "vae")
     with pytest.raises(ConfigError, match=r"demo.color_fix: must be one of none, adain, wavelet, got 'auto'$"):
         load_demo(_write(tmp_path, "[demo]\ncolor_fix = 'auto'\n"))
+    with pytest.raises(ConfigError, match=r"demo.noise_guidance_steps: give step indices 0, 1, ..."):
+        load_demo(_write(tmp_path, "[demo]\nnoise_guidance_steps = [0, -3]\n"))
     plan = load_demo("configs/demo-tiny.toml")
     assert (plan.demo.color_fix, plan.vae.lr_schedule, plan.stage2.lr_schedule) == ("wavelet", "cosine", "cosine")
     assert plan.stage1.lr_milestones == []
@@ -443,6 +445,25 @@ def test_stage2_trains_under_its_profile_and_writes_it_into_the_checkpoint(compo
         "reference-code"
     paper = Stage2(stage2_cfg(photo_dir, tmp_path / "b", components, profile="paper", **init), tdist.DistInfo())
     assert paper.profile.name == "paper" and paper.model_config.sampler.profile == "paper"
+
+
+def test_stage2_max_timestep_trains_only_the_low_noise_levels(components, photo_dir, tmp_path):
+    from deedsr.train.stage2 import Stage2
+
+    with pytest.raises(ConfigError, match=r"^test.max_timestep: must be >= 0, got -5$"):
+        stage2_cfg(photo_dir, tmp_path / "bad", components, max_timestep=-5)
+    seen = {}
+    for limit in (0, 100):
+        stage = Stage2(stage2_cfg(photo_dir, tmp_path / f"s{limit}", components, max_timestep=limit), tdist.DistInfo())
+        stage.build()
+        ds = stage.dataset(list_images(stage.cfg.data, stage.cfg.data.gt_size))
+        batch = {k: torch.from_numpy(np.stack([ds[(0, i)][k] for i in range(8)])) for k in ("hr", "lr", "lr_up")}
+        inner, drawn = stage.denoiser, []
+        stage.denoiser = lambda x, t, z, d, inner=inner, drawn=drawn: (drawn.append(t), inner(x, t, z, d))[1]
+        for k in range(8):
+            assert torch.isfinite(stage.loss(batch, torch.Generator().manual_seed(k)))
+        seen[limit] = torch.cat(drawn)
+    assert seen[100].max() < 100 and seen[0].max() >= 100  # 64 draws from 0..999: one is >= 100
 
 
 def test_gradient_checkpointing_changes_nothing(tiny_model):

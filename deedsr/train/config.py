@@ -120,6 +120,9 @@ class Stage2Config(_RunConfig):
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0 = no EMA; else the exported weights are the EMA
     sample_posterior: bool = True  # z0 = a VAE posterior sample (as LDM); else its mean
+    # Train on timesteps t ~ U[0, max_timestep) only; 0 = all of the schedule's (the paper). A
+    # small model whose sampler is noise-guided down to a late step only ever denoises from there.
+    max_timestep: int = 0
     train_backbone: bool = False  # also train the UNet backbone (models with no SD prior)
     val_every: int = 0  # validation samples every N steps; 0 = only at the end if val_images
     val_images: list[str] = field(default_factory=list)  # HR images, degraded at val_level
@@ -182,6 +185,9 @@ class DemoConfig:
     vae_checkpoint: str = ""
     weights_dtype: str = "float32"  # float32 | float16 (halves the committed files)
     color_fix: str = "none"  # the sampler default written into the checkpoint: none | adain | wavelet
+    # Sampler default written into the checkpoint: the steps (of sampler.steps) whose epsilon comes
+    # from z_lr (noise guidance, Eq. 10-11) instead of the model; empty = the model's own default.
+    noise_guidance_steps: list[int] = field(default_factory=list)
 
 
 def photo_name(file: str | Path) -> str:
@@ -297,6 +303,8 @@ def _validate(cfg, where: str) -> None:
         if len(cfg.heldout_photos) != len(set(cfg.heldout_photos)):
             raise ConfigError(f"{where}.heldout_photos: duplicates")
         _positive(cfg, where, "photo_short_side")
+        if any(not isinstance(i, int) or i < 0 for i in cfg.noise_guidance_steps):
+            raise ConfigError(f"{where}.noise_guidance_steps: give step indices 0, 1, ... (of sampler.steps)")
         names = [*cfg.train_photos, *map(photo_name, cfg.photo_files)]
         heldout = [*cfg.heldout_photos, *map(photo_name, cfg.heldout_files)]
         for label, group in (("training", names), ("held-out", heldout)):
@@ -337,7 +345,7 @@ def _validate(cfg, where: str) -> None:
         if not 0.0 <= cfg.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in [0, 1), got {cfg.ema_decay}")
         _positive(cfg, where, "val_steps", "val_size")
-        _positive(cfg, where, "val_every", "warmup_steps", "grad_clip", "weight_decay", allow_zero=True)
+        _positive(cfg, where, "val_every", "warmup_steps", "grad_clip", "weight_decay", "max_timestep", allow_zero=True)
         from ..degradations import LEVELS
 
         if cfg.val_level not in LEVELS:

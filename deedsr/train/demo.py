@@ -260,7 +260,10 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     from ..models import load_checkpoint
 
     model = load_checkpoint(Path(plan.stage2.out_dir) / "model")
-    model.config.sampler = dataclasses.replace(model.config.sampler, color_fix=plan.demo.color_fix)
+    sampler = {"color_fix": plan.demo.color_fix}
+    if plan.demo.noise_guidance_steps:
+        sampler["noise_guidance_steps"] = tuple(plan.demo.noise_guidance_steps)
+    model.config.sampler = dataclasses.replace(model.config.sampler, **sampler)
     dtype = torch.float16 if plan.demo.weights_dtype == "float16" else None
     out = Path(out)
     save_checkpoint(model, out, dtype=dtype)

@@ -167,7 +167,7 @@ class Stage2(Stage):
         self.ema = {n: self.params[n].detach().clone() for n in self.names} if cfg.ema_decay > 0 else None
         abar = alphas_cumprod(self.model_config.scheduler)
         self.abar = torch.from_numpy(abar).float().to(self.device)
-        self.num_timesteps = len(abar)
+        self.num_timesteps = min(len(abar), cfg.max_timestep) if cfg.max_timestep > 0 else len(abar)
         self.make_scaler()
 
     def lr_at(self, step: int) -> float:
