@@ -619,7 +619,7 @@ def test_evaluation_reports_every_method_and_the_learner_probe(tiny_model, tmp_p
     assert report["color_fix"] == "wavelet" and list(report["levels"]) == ["medium", "bicubic"]
     medium, plain = report["levels"]["medium"], report["levels"]["bicubic"]
     assert set(medium["mean"]) == {"bicubic", "model", "model_eta0", "model_no_noise_guidance", "model_no_color_fix",
-                                   "vae"}
+                                   "no_model", "vae"}  # the default guides step 0 only: no paper-sampler row
     assert set(plain["mean"]) == {"bicubic", "model", "model_eta0"}
     assert medium["photos"][0]["hr_size"] == [124, 96] and medium["photos"][0]["lr_size"] == [31, 24]
     assert medium["mean"]["model"] != medium["mean"]["model_no_color_fix"]
@@ -634,3 +634,10 @@ def test_evaluation_reports_every_method_and_the_learner_probe(tiny_model, tmp_p
     assert "Plain bicubic x4 downscaling" in table and "| demo model, eta 0 (deterministic DDIM) |" in table
     assert (tmp_path / "chelsea_medium_model_no_color_fix.png").is_file()
     assert (tmp_path / "chelsea_bicubic_lr.png").is_file()
+    # a checkpoint whose default guides more steps is also scored with the paper's guidance
+    monkeypatch.setattr(tiny_model.config, "sampler",
+                        dataclasses.replace(tiny_model.config.sampler, noise_guidance_steps=tuple(range(50))))
+    report = evaluate(tiny_model, {"astronaut": photos["astronaut"]}, EvalConfig(steps=2, levels=["medium"]))
+    row = report["levels"]["medium"]["photos"][0]
+    assert row["model_paper_sampler"] != row["model"]
+    assert row["no_model"] == row["model_eta0"]  # 2 steps, both guided: the model never runs

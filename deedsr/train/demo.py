@@ -224,9 +224,18 @@ def eval_markdown(plan: DemoPlan, command: str, provenance: dict[str, Any], repo
         f"Held-out photos ({len(demo.heldout_photos) + len(heldout_files)}, never seen in training): scikit-image "
         f"{', '.join(demo.heldout_photos)}" + ("; " + ", ".join(heldout_files) if heldout_files else "") + ".\n\n"
         f"Evaluation ({provenance['eval_minutes']:.1f} min): HR centre crops of at most {plan.eval.max_side or 'any'} px, "
-        f"x4, {plan.eval.steps} DDIM steps (eta {report['eta']} by default), seed {plan.eval.seed}, "
+        f"x4, {plan.eval.steps} DDIM steps (by default eta {report['eta']}, "
+        f"{_guided_text(report.get('noise_guidance_steps', [0]))}), seed {plan.eval.seed}, "
         f"PSNR (dB) / SSIM on Y, border {plan.eval.crop_border}:\n\n" + table
     )
+
+
+def _guided_text(steps: list[int]) -> str:
+    if steps == [0]:
+        return "noise guidance at the first step"
+    if steps and steps == list(range(len(steps))):
+        return f"noise guidance at steps 0-{len(steps) - 1}: the model runs from step {len(steps)} on"
+    return "noise guidance at steps " + ", ".join(map(str, steps)) if steps else "no noise guidance"
 
 
 def run_demo(config_path: str | Path, out: str | Path, command: str = "", restart: bool = False) -> dict[str, Any]:

@@ -5,10 +5,12 @@ For every photo: the HR image (centre-cropped to `max_side` if set, sides cut to
 4) is brought to LR with each of `levels`: one of the paper's Table 6 levels
 (deedsr.degradations.degrade_level, a numpy generator seeded per photo) or "bicubic" (Pillow's
 antialiased bicubic), quantised to 8 bits, and upscaled: bicubic (Pillow, as the sampler's own
-input), the model with the checkpoint's default sampler (noise guidance at the first step, its
-colour fix) and with eta 0; for the first level also with noise guidance off and, when the
-default has a colour fix, without it, and the VAE's reconstruction of the HR photo, which bounds
-any model on that VAE. PSNR and SSIM are computed on the BT.601 Y channel with `crop_border`
+input), the model with the checkpoint's default sampler (its noise-guided steps and colour fix)
+and with eta 0; for the first level also with the paper's noise guidance (first step only) when
+the default differs, with noise guidance off and, when the default has a colour fix, without it;
+the sampler with every step noise-guided (the model never runs: the decoded z_lr, what a model
+has to improve on) and the VAE's reconstruction of the HR photo, which bounds any model on that
+VAE. PSNR and SSIM are computed on the BT.601 Y channel with `crop_border`
 pixels removed from each side.
 
 `degradation_retrieval` probes the degradation learner on its own: the same random
@@ -30,10 +32,13 @@ from .config import EvalConfig
 
 __all__ = ["evaluate", "skimage_photo", "format_table", "degradation_retrieval"]
 
-METHODS = ("bicubic", "model", "model_eta0", "model_no_noise_guidance", "model_no_color_fix", "vae")
+METHODS = ("bicubic", "model", "model_eta0", "model_paper_sampler", "model_no_noise_guidance", "model_no_color_fix",
+           "no_model", "vae")
 LABELS = {"bicubic": "bicubic", "model": "demo model", "model_eta0": "demo model, eta 0 (deterministic DDIM)",
+          "model_paper_sampler": "demo model, the paper's sampler (noise guidance at the first step only)",
           "model_no_noise_guidance": "demo model, noise guidance off",
           "model_no_color_fix": "demo model, colour fix off",
+          "no_model": "no model: every step noise-guided (the decoded z_lr, colour-fixed)",
           "vae": "VAE reconstruction of the HR photo (the bound)"}
 # Downscalings besides the paper's Table 6 levels.
 PLAIN_LEVELS = {"bicubic": "plain bicubic x4 downscaling (Pillow, antialiased)"}
@@ -90,9 +95,10 @@ def low_resolution(hr: np.ndarray, level: str, scale: int, rng: np.random.Genera
 def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str | Path | None = None,
              device: str = "cpu") -> dict[str, Any]:
     """For each downscaling in cfg.levels and each photo, the scores of bicubic, the model with the
-    checkpoint's default sampler and with eta 0; for the first level also the model without
-    noise guidance (/ without its colour fix) and the VAE's reconstruction of the HR photo (what
-    bounds the model). Means per level, and the learner's degradation_retrieval over the photos.
+    checkpoint's default sampler and with eta 0; for the first level also the model with the
+    paper's noise guidance (where the checkpoint's differs), without noise guidance (/ without
+    its colour fix), the sampler without the model (every step noise-guided: z_lr decoded) and
+    the VAE's reconstruction of the HR photo (what bounds the model). Means per level, and the learner's degradation_retrieval over the photos.
     `model` is a DeeDSR model or a checkpoint folder. With `out_dir`, the LR images and results
     are written there as PNGs (<photo>_<level>_<method>.png)."""
     import torch
@@ -123,6 +129,7 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
         "levels": levels,
         "color_fix": model.config.sampler.color_fix,
         "eta": model.config.sampler.eta,
+        "noise_guidance_steps": list(pipe.sampler_config(steps=cfg.steps).noise_guidance_steps),
         "seed": cfg.seed,
         "steps": cfg.steps,
         "crop_border": cfg.crop_border,
@@ -147,9 +154,13 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
         "model_eta0": pipe(lr8, seed=cfg.seed, steps=cfg.steps, eta=0.0),
     }
     if first:
+        if pipe.sampler_config(steps=cfg.steps).noise_guidance_steps != (0,):
+            results["model_paper_sampler"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, noise_guidance_steps=(0,))
         results["model_no_noise_guidance"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, noise_guidance_steps=())
         if pipe.config.sampler.color_fix != "none":
             results["model_no_color_fix"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, color_fix="none")
+        results["no_model"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, eta=0.0,
+                                   noise_guidance_steps=range(cfg.steps))
         results["vae"] = vae_reconstruction(pipe, hr)
     row: dict[str, Any] = {"photo": name, "hr_size": [int(hr.shape[1]), int(hr.shape[0])],
                            "lr_size": [int(lr8.shape[1]), int(lr8.shape[0])], "seconds": round(time.monotonic() - t0, 1)}
