@@ -127,10 +127,22 @@ def test_shipped_configs_have_the_papers_values():
     from deedsr.train.demo import load_demo
 
     for name, vae in (("demo-tiny", "runs/demo-tiny/vae/vae"), ("demo-smoke", "runs/demo-smoke/vae/vae"),
-                      ("demo-wide", "deedsr/assets/demo")):
+                      ("demo-wide", "deedsr/assets/demo"), ("demo-lownoise", "runs/demo-tiny/vae/vae"),
+                      ("demo-deepvae", "runs/demo-deepvae/vae/vae")):
         plan = load_demo(f"configs/{name}.toml")
         assert plan.stage2.learner.endswith("stage1/learner") and plan.stage2.vae == vae
         assert not set(plan.demo.train_photos) & set(plan.demo.heldout_photos)
+        assert not set(plan.demo.photo_files) & set(plan.demo.heldout_files)
+    # the shipped recipe trains stage II on exactly the noise levels its sampler default runs the model at
+    from deedsr.config import SchedulerConfig
+    from deedsr.runtime.sampler import Schedule
+    from deedsr.schedule import alphas_cumprod
+
+    plan = load_demo("configs/demo-lownoise.toml")
+    guided = plan.demo.noise_guidance_steps
+    assert guided == list(range(47))
+    model_steps = Schedule(alphas_cumprod(SchedulerConfig())).timesteps(50)[len(guided):]
+    assert model_steps == [41, 21, 1] and max(model_steps) < plan.stage2.max_timestep == 100
     # demo-wide reuses the shipped demo's VAE: its stage II config takes that VAE's settings
     from deedsr.train.artifacts import resolve_model_config
 
