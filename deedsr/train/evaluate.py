@@ -9,8 +9,8 @@ input), the model with the checkpoint's default sampler (its noise-guided steps 
 and with eta 0; for the first level also with the paper's noise guidance (first step only) when
 the default differs, with noise guidance off and, when the default has a colour fix, without it;
 the sampler with every step noise-guided (the model never runs: the decoded z_lr, what a model
-has to improve on) and the VAE's reconstruction of the HR photo, which bounds any model on that
-VAE. PSNR and SSIM are computed on the BT.601 Y channel with `crop_border`
+has to improve on) and the VAE's reconstruction of the HR photo, colour-fixed against the
+bicubic input as the sampler fixes its output, which bounds any model on that VAE. PSNR and SSIM are computed on the BT.601 Y channel with `crop_border`
 pixels removed from each side.
 
 `degradation_retrieval` probes the degradation learner on its own: the same random
@@ -39,7 +39,7 @@ LABELS = {"bicubic": "bicubic", "model": "demo model", "model_eta0": "demo model
           "model_no_noise_guidance": "demo model, noise guidance off",
           "model_no_color_fix": "demo model, colour fix off",
           "no_model": "no model: every step noise-guided (the decoded z_lr, colour-fixed)",
-          "vae": "VAE reconstruction of the HR photo (the bound)"}
+          "vae": "VAE reconstruction of the HR photo, colour-fixed like the model (the bound)"}
 # Downscalings besides the paper's Table 6 levels.
 PLAIN_LEVELS = {"bicubic": "plain bicubic x4 downscaling (Pillow, antialiased)"}
 
@@ -161,7 +161,8 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
             results["model_no_color_fix"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, color_fix="none")
         results["no_model"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, eta=0.0,
                                    noise_guidance_steps=range(cfg.steps))
-        results["vae"] = vae_reconstruction(pipe, hr)
+        reference = bicubic_upscale(lr8.astype(np.float32) / 255.0, scale)
+        results["vae"] = vae_reconstruction(pipe, hr, reference, pipe.config.sampler.color_fix)
     row: dict[str, Any] = {"photo": name, "hr_size": [int(hr.shape[1]), int(hr.shape[0])],
                            "lr_size": [int(lr8.shape[1]), int(lr8.shape[0])], "seconds": round(time.monotonic() - t0, 1)}
     for method, img in results.items():
@@ -176,17 +177,24 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
     return row
 
 
-def vae_reconstruction(pipe, hr: np.ndarray) -> np.ndarray:
-    """HR uint8 -> the pipeline's (tiled) VAE encode + decode -> uint8 (edge-padded to whole latents)."""
+def vae_reconstruction(pipe, hr: np.ndarray, reference: np.ndarray | None = None, fix: str = "none") -> np.ndarray:
+    """HR uint8 -> the pipeline's (tiled) VAE encode + decode -> uint8 (edge-padded to whole
+    latents); with a colour fix, fixed against `reference` (the bicubic input, HxWx3 in [0, 1])
+    as the sampler fixes the model's output, so that it bounds what the sampler can return."""
     import torch
+
+    from ..color import color_fix
 
     h, w = hr.shape[:2]
     down = pipe.config.latent_downscale
     padded = np.pad(hr, ((0, -h % down), (0, -w % down), (0, 0)), mode="edge")
     with torch.no_grad():
         x = torch.from_numpy(padded.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)[None].to(pipe.device)
-        rec = pipe.vae.decode(pipe.vae.encode(x)).clamp(-1, 1)
-    return np.round((rec[0].permute(1, 2, 0).cpu().numpy()[:h, :w] + 1) * 127.5).astype(np.uint8)
+        rec = (pipe.vae.decode(pipe.vae.encode(x)).clamp(-1, 1)[..., :h, :w] + 1) / 2
+        if fix != "none":
+            ref = torch.from_numpy(np.ascontiguousarray(reference.transpose(2, 0, 1)))[None].to(rec)
+            rec = color_fix(rec, ref, fix)
+    return np.round(rec[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).astype(np.uint8)
 
 
 def format_table(report: dict[str, Any]) -> str:
