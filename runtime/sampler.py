@@ -68,13 +68,22 @@ class Schedule:
 
 # -------------------------------------------------------------------------- options
 def guided_for_steps(indices, default_steps: int, steps: int) -> tuple[int, ...]:
-    """Noise-guided step indices given for `default_steps` steps, moved to a run of `steps` so each
-    stays at the same share of the schedule (a default of 0..44 of 50 becomes 0..17 of 20);
-    negative indices count from the end and stay as they are."""
+    """Noise-guided step indices given for `default_steps` steps, moved to a run of `steps`. A
+    leading run 0..K-1 keeps its share of the schedule (0..46 of 50 becomes 0..18 of 20; the
+    paper's (0,) stays (0,)); other indices move to the same fraction; negative ones count from
+    the end and stay. A default under which the model runs keeps at least one model step."""
     if steps == default_steps:
         return tuple(indices)
-    moved = {i if i < 0 else i * steps // default_steps for i in indices}
-    return tuple(sorted(moved, key=lambda i: (i < 0, i)))
+    ahead = sorted({i for i in indices if i >= 0})
+    behind = sorted({i for i in indices if i < 0})
+    if ahead == list(range(len(ahead))):
+        count = round(len(ahead) * steps / default_steps)
+        moved = list(range(max(count, 1) if ahead else 0))
+    else:
+        moved = sorted({i * steps // default_steps for i in ahead})
+    if len(ahead) < default_steps and len(moved) >= steps:
+        moved = moved[: steps - 1]
+    return tuple(moved + behind)
 
 
 @dataclass(frozen=True)

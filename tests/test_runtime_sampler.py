@@ -197,7 +197,13 @@ def test_default_guided_steps_keep_their_share_of_the_schedule(tmp_path, tiny_mo
     # a checkpoint whose default guides steps 0..44 of 50 (the model refines from t = 81 on):
     # another --steps keeps that share instead of naming steps the run does not have
     assert sampler.guided_for_steps(range(45), 50, 20) == tuple(range(18))
+    assert sampler.guided_for_steps(range(47), 50, 10) == tuple(range(9))  # the model still runs at t = 1
+    assert sampler.guided_for_steps(range(47), 50, 2) == (0,)
+    assert sampler.guided_for_steps(range(47), 50, 100) == tuple(range(94))
+    assert sampler.guided_for_steps((0,), 50, 3) == (0,) and sampler.guided_for_steps((), 50, 3) == ()
+    assert sampler.guided_for_steps(range(50), 50, 10) == tuple(range(10))  # all guided stays all guided
     assert sampler.guided_for_steps((0, -1), 50, 10) == (0, -1)
+    assert sampler.guided_for_steps((10, 30), 50, 20) == (4, 12)
     assert sampler.guided_for_steps((3, 7), 50, 50) == (3, 7)
     data = manifest_dict(tmp_path, tile=16, conditions=CONDITION_NAMES)
     data["scheduler"]["alphas_cumprod"] = [float(a) for a in alphas_cumprod(SchedulerConfig())]
