@@ -194,6 +194,17 @@ def test_schedule_and_colour_fix_options_are_checked(tmp_path):
     assert plan.stage1.lr_milestones == []
 
 
+def test_demo_refuses_a_missing_vae_checkpoint_before_any_work(tmp_path):
+    from deedsr.train.demo import run_demo
+
+    work = tmp_path / "work"
+    path = _write(tmp_path, f"[demo]\nwork_dir = '{work}'\nvae_checkpoint = '{tmp_path / 'nowhere'}'\n")
+    with pytest.raises(ConfigError, match=r"demo.vae_checkpoint: .*nowhere holds no trained VAE \(vae.safetensors\); "
+                                          r"train it first") as e:
+        run_demo(path, tmp_path / "out")
+    assert "\n" not in str(e.value) and not work.exists()
+
+
 def test_demo_photo_files_are_named_resized_and_checked(tmp_path):
     from PIL import Image
 

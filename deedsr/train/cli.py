@@ -3,7 +3,7 @@
     deedsr train vae    --config FILE [--resume [CHECKPOINT]]
     deedsr train stage1 --config FILE [--resume [CHECKPOINT]]
     deedsr train stage2 --config FILE [--resume [CHECKPOINT]]
-    deedsr train demo   [--config configs/demo-tiny.toml] [--out deedsr/assets/demo] [--restart]
+    deedsr train demo   [--config configs/demo-lownoise.toml] [--out deedsr/assets/demo] [--restart]
     deedsr train evaluate CHECKPOINT [--photos astronaut,chelsea] [--level medium --level bicubic] [--steps 50]
 
 Many GPUs: `torchrun --nproc_per_node N -m deedsr.train stage2 --config FILE`.
@@ -111,7 +111,7 @@ def vae_cmd(config, resume) -> None:
 
 
 @train.command("demo")
-@click.option("--config", "config", default="configs/demo-tiny.toml", show_default=True,
+@click.option("--config", "config", default="configs/demo-lownoise.toml", show_default=True,
               type=click.Path(dir_okay=False), help="Demo config (TOML: [demo], [vae], [stage1], [stage2], [eval]).")
 @click.option("-o", "--output", "--out", "out", default="deedsr/assets/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the trained checkpoint folder goes.")

@@ -252,6 +252,10 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     info = setup(plan.stage2.device)
     if info.distributed:
         raise ConfigError("deedsr train demo runs in one process (it is sized for a CPU); run the stages under torchrun instead")
+    vae = plan.demo.vae_checkpoint
+    if vae and not (Path(vae) / "vae.safetensors").is_file():
+        raise ConfigError(f"{plan.path}: demo.vae_checkpoint: {vae} holds no trained VAE (vae.safetensors); train it "
+                          "first (runs/demo-tiny/vae/vae: deedsr train demo --config configs/demo-tiny.toml)")
     if restart and plan.work.exists():
         shutil.rmtree(plan.work)
     prepare_photos(plan)
