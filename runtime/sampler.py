@@ -76,9 +76,10 @@ def guided_for_steps(indices, default_steps: int, steps: int) -> tuple[int, ...]
         return tuple(indices)
     ahead = sorted({i for i in indices if i >= 0})
     behind = sorted({i for i in indices if i < 0})
-    if ahead == list(range(len(ahead))):
-        count = round(len(ahead) * steps / default_steps)
-        moved = list(range(max(count, 1) if ahead else 0))
+    if not ahead:
+        moved = []
+    elif ahead == list(range(len(ahead))):
+        moved = list(range(max(round(len(ahead) * steps / default_steps), 1)))
     else:
         moved = sorted({i * steps // default_steps for i in ahead})
     if len(ahead) < default_steps and len(moved) >= steps:

@@ -98,7 +98,8 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
     checkpoint's default sampler and with eta 0; for the first level also the model with the
     paper's noise guidance (where the checkpoint's differs), without noise guidance (/ without
     its colour fix), the sampler without the model (every step noise-guided: z_lr decoded) and
-    the VAE's reconstruction of the HR photo (what bounds the model). Means per level, and the learner's degradation_retrieval over the photos.
+    the VAE's reconstruction of the HR photo (what bounds the model). Means per level, and the
+    learner's degradation_retrieval over the photos.
     `model` is a DeeDSR model or a checkpoint folder. With `out_dir`, the LR images and results
     are written there as PNGs (<photo>_<level>_<method>.png)."""
     import torch
@@ -148,8 +149,9 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
     hr = prepare_hr(photo, cfg.max_side, scale)
     lr8 = low_resolution(hr, level, scale, np.random.Generator(np.random.PCG64([cfg.seed, index])))
     t0 = time.monotonic()
+    upscaled = bicubic_upscale(lr8.astype(np.float32) / 255.0, scale)
     results = {
-        "bicubic": np.round(np.clip(bicubic_upscale(lr8.astype(np.float32) / 255.0, scale), 0, 1) * 255).astype(np.uint8),
+        "bicubic": np.round(np.clip(upscaled, 0, 1) * 255).astype(np.uint8),
         "model": pipe(lr8, seed=cfg.seed, steps=cfg.steps),
         "model_eta0": pipe(lr8, seed=cfg.seed, steps=cfg.steps, eta=0.0),
     }
@@ -161,8 +163,7 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
             results["model_no_color_fix"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, color_fix="none")
         results["no_model"] = pipe(lr8, seed=cfg.seed, steps=cfg.steps, eta=0.0,
                                    noise_guidance_steps=range(cfg.steps))
-        reference = bicubic_upscale(lr8.astype(np.float32) / 255.0, scale)
-        results["vae"] = vae_reconstruction(pipe, hr, reference, pipe.config.sampler.color_fix)
+        results["vae"] = vae_reconstruction(pipe, hr, upscaled, pipe.config.sampler.color_fix)
     row: dict[str, Any] = {"photo": name, "hr_size": [int(hr.shape[1]), int(hr.shape[0])],
                            "lr_size": [int(lr8.shape[1]), int(lr8.shape[0])], "seconds": round(time.monotonic() - t0, 1)}
     for method, img in results.items():
