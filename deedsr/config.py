@@ -140,9 +140,22 @@ class DeeDSRConfig:
             )
         if len(self.adapter.channel_mult) != len(self.unet["block_out_channels"]):
             raise ValueError("the adapter and the UNet must have the same number of resolution levels")
+        latent = self.vae["latent_channels"]
+        for name, value in (("adapter.in_channels", self.adapter.in_channels),
+                            ("unet.in_channels", self.unet["in_channels"]),
+                            ("unet.out_channels", self.unet["out_channels"])):
+            if value != latent:
+                raise ValueError(f"{name} ({value}) must equal vae.latent_channels ({latent}): the latent the "
+                                 "adapter and the UNet see is the VAE's")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae["latent_channels"])
 
     @property
     def latent_downscale(self) -> int:
+        """Image side / latent side: diffusers' AutoencoderKL halves the image in every block but
+        the last, so this is 2 ** (VAE blocks - 1)."""
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
     @property
@@ -225,6 +238,25 @@ def tiny() -> DeeDSRConfig:
         sampler=SamplerConfig(tile=32, tile_overlap=16),
         preset="tiny",
     )
+
+
+def with_latent(config: DeeDSRConfig, channels: int | None = None, downscale: int | None = None) -> DeeDSRConfig:
+    """The same model with another latent: `channels` latent channels (VAE, adapter input, UNet
+    input and output) and an image-to-latent factor `downscale` (a power of two: VAE blocks are
+    dropped from, or the last width repeated at, the end of its block list)."""
+    vae, unet = dict(config.vae), dict(config.unet)
+    adapter = dataclasses.replace(config.adapter)
+    if channels is not None:
+        vae["latent_channels"] = unet["in_channels"] = unet["out_channels"] = adapter.in_channels = int(channels)
+    if downscale is not None:
+        blocks = int(downscale).bit_length() - 1
+        if downscale < 1 or 2**blocks != downscale or blocks > 7:
+            raise ValueError(f"latent downscale must be a power of two in 1..128, got {downscale}")
+        widths = list(vae["block_out_channels"])
+        widths = (widths + [widths[-1]] * blocks)[: blocks + 1]
+        vae.update(block_out_channels=widths, down_block_types=[vae["down_block_types"][0]] * len(widths),
+                   up_block_types=[vae["up_block_types"][0]] * len(widths))
+    return dataclasses.replace(config, vae=vae, unet=unet, adapter=adapter)
 
 
 PRESETS = {"sd21-base": sd21_base, "tiny": tiny}

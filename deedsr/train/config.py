@@ -188,6 +188,13 @@ class DemoConfig:
     # Sampler default written into the checkpoint: the steps (of sampler.steps) whose epsilon comes
     # from z_lr (noise guidance, Eq. 10-11) instead of the model; empty = the model's own default.
     noise_guidance_steps: list[int] = field(default_factory=list)
+    # The model's latent (0 = the model's own): latent channels and the image-to-latent factor
+    # (a power of two), applied to `model` by deedsr.config.with_latent.
+    latent_channels: int = 0
+    latent_downscale: int = 0
+    # Gate before stage I / II: the VAE's colour-fixed reconstruction of the held-out HR photos must
+    # beat bicubic by this many dB (mean PSNR on Y, first eval level); 0 = report it, do not stop.
+    vae_gate_db: float = 0.0
 
 
 def photo_name(file: str | Path) -> str:
@@ -303,6 +310,12 @@ def _validate(cfg, where: str) -> None:
         if len(cfg.heldout_photos) != len(set(cfg.heldout_photos)):
             raise ConfigError(f"{where}.heldout_photos: duplicates")
         _positive(cfg, where, "photo_short_side")
+        _positive(cfg, where, "latent_channels", "vae_gate_db", allow_zero=True)
+        if cfg.latent_channels > 64:
+            raise ConfigError(f"{where}.latent_channels: must be in 1..64 (0 = the model's), got {cfg.latent_channels}")
+        d = cfg.latent_downscale
+        if d and (d < 0 or d & (d - 1) or d > 64):
+            raise ConfigError(f"{where}.latent_downscale: must be a power of two in 1..64 (0 = the model's), got {d}")
         if any(not isinstance(i, int) or i < 0 for i in cfg.noise_guidance_steps):
             raise ConfigError(f"{where}.noise_guidance_steps: give step indices 0, 1, ... (of sampler.steps)")
         names = [*cfg.train_photos, *map(photo_name, cfg.photo_files)]

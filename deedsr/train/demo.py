@@ -6,8 +6,9 @@ command, the config, steps and times of each stage) and eval.json / EVAL.md (bic
 model and the model without noise guidance on the held-out photos, Table 6 degradation,
 PSNR/SSIM on Y).
 
-Each stage runs in <work_dir>/<stage>; a stage whose run finished is reused, one that was
-interrupted is resumed, so the command can simply be run again after a crash.
+Each stage runs in <work_dir>/<stage>; a stage that has done all its planned steps is reused, one
+that was interrupted or stopped at its max_minutes is resumed, so training a stage over several
+runs is running the same command again (and so is recovering from a crash).
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def load_demo(path: str | Path) -> DemoPlan:
         config_from_dict(DemoConfig, to_dict(demo), f"{path}: demo")  # re-check overlaps
     work = Path(demo.work_dir)
     train = str(work / "data" / "train")
+    if demo.latent_channels or demo.latent_downscale:
+        demo.model = _model_with_latent(path, demo, work)
 
     def stage(cls, key: str, **fixed: Any):
         table = dict(raw.get(key, {}))
@@ -102,6 +105,26 @@ def load_demo(path: str | Path) -> DemoPlan:
     )
     evaluation = config_from_dict(EvalConfig, raw.get("eval", {}), f"{path}: eval")
     return DemoPlan(path, demo, vae, stage1, stage2, evaluation)
+
+
+def _model_with_latent(path: Path, demo: DemoConfig, work: Path) -> str:
+    """demo.model with demo's latent written to <work_dir>/model.json, which the stages then read."""
+    from ..config import with_latent
+    from .artifacts import resolve_model_config
+
+    try:
+        config = with_latent(resolve_model_config(demo.model, f"{path}: demo.model"),
+                             demo.latent_channels or None, demo.latent_downscale or None)
+    except ValueError as e:
+        raise ConfigError(f"{path}: demo: {e}") from None
+    work.mkdir(parents=True, exist_ok=True)
+    target = work / "model.json"
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    if not target.is_file() or target.read_text() != text:
+        tmp = target.with_name(".model.json.tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+    return str(target)
 
 
 def prepare_photos(plan: DemoPlan) -> None:
@@ -166,10 +189,14 @@ def _run_stage(stage_cls, cfg, info) -> dict[str, Any]:
 
     out = Path(cfg.out_dir)
     done = _stage_done(out)
-    if done is not None:
+    resume = (out / "checkpoints" / "latest").is_file()
+    if done is not None and (done["step"] >= done["total"] or not resume):
         log.info("demo: %s already trained (%s), reusing it", stage_cls.name, done["deliverable"])
         return {"steps": done["step"], "planned_steps": done["total"], "reused": True}
-    resume = (out / "checkpoints" / "latest").is_file()
+    if done is not None:  # stopped at max_minutes in an earlier run: this run continues it
+        log.info("demo: %s stopped at step %d of %d in an earlier run; continuing", stage_cls.name, done["step"],
+                 done["total"])
+        (out / "done.json").unlink()
     t0 = time.monotonic()
     run(stage_cls(cfg, info), resume=resume)
     done = json.loads((out / "done.json").read_text())
@@ -238,12 +265,62 @@ def _guided_text(steps: list[int]) -> str:
     return "noise guidance at steps " + ", ".join(map(str, steps)) if steps else "no noise guidance"
 
 
-def run_demo(config_path: str | Path, out: str | Path, command: str = "", restart: bool = False) -> dict[str, Any]:
-    """Train the demo model and write it, its provenance and its evaluation to `out`."""
-    from ..checkpoints import save_checkpoint
+class GateFailed(RuntimeError):
+    """The VAE does not leave a model room to beat bicubic (demo.vae_gate_db)."""
+
+
+def heldout_photos(plan: DemoPlan) -> dict[str, Any]:
     from .data import load_rgb
+    from .evaluate import skimage_photo
+
+    photos = {name: skimage_photo(name) for name in plan.demo.heldout_photos}
+    photos.update({photo_name(f): load_rgb(plan.heldout_dir / f"{photo_name(f)}.png") for f in plan.demo.heldout_files})
+    return photos
+
+
+def vae_gate(plan: DemoPlan, vae_dir: str | Path) -> dict[str, Any]:
+    """The trained VAE's bound on the held-out photos (deedsr.train.evaluate.vae_bound), written
+    to <work_dir>/vae_gate.json; GateFailed when demo.vae_gate_db is set and not met."""
+    from ..models import DeeDSR
+    from ..pipeline import DeeDSRPipeline
+    from .artifacts import load_component, resolve_model_config
+    from .evaluate import vae_bound
+
+    vae_config = resolve_model_config(str(vae_dir), "demo: the VAE")  # the whole model's config, as trained
+    model = DeeDSR(vae_config)
+    load_component(vae_dir, "vae", model.vae, "demo: the VAE")
+    t0 = time.monotonic()
+    report = vae_bound(DeeDSRPipeline(model.eval()), heldout_photos(plan), plan.eval, plan.demo.color_fix)
+    report.update(vae=str(vae_dir), gate_db=plan.demo.vae_gate_db, minutes=round((time.monotonic() - t0) / 60, 2),
+                  latent={"channels": vae_config.latent_channels, "downscale": vae_config.latent_downscale})
+    report["passed"] = report["margin_db"] >= plan.demo.vae_gate_db
+    (plan.work / "vae_gate.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("demo: VAE bound %s\n%s", vae_dir, gate_table(report))
+    if plan.demo.vae_gate_db and not report["passed"]:
+        raise GateFailed(
+            f"the VAE's colour-fixed reconstruction scores {report['mean']['vae']['psnr']:.2f} dB on the held-out "
+            f"photos ({report['level']}), {report['margin_db']:+.2f} dB against bicubic; demo.vae_gate_db asks for "
+            f"+{plan.demo.vae_gate_db:g} dB before stage I / II are trained on it ({plan.work / 'vae_gate.json'}; a VAE "
+            "stopped at vae.max_minutes continues when the command is run again)")
+    return report
+
+
+def gate_table(report: dict[str, Any]) -> str:
+    lines = [f"| photo | bicubic | VAE bound (colour fix {report['color_fix']}) | margin |", "|---|---|---|---|"]
+    for row in [*report["photos"], {"photo": "**mean**", **report["mean"]}]:
+        b, v = row["bicubic"], row["vae"]
+        lines.append(f"| {row['photo']} | {b['psnr']:.2f} / {b['ssim']:.3f} | {v['psnr']:.2f} / {v['ssim']:.3f} | "
+                     f"{v['psnr'] - b['psnr']:+.2f} |")
+    return "\n".join(lines)
+
+
+def run_demo(config_path: str | Path, out: str | Path, command: str = "", restart: bool = False,
+             until: str | None = None) -> dict[str, Any]:
+    """Train the demo model and write it, its provenance and its evaluation to `out`; with
+    until="vae", stop after the VAE and its gate (nothing is written to `out`)."""
+    from ..checkpoints import save_checkpoint
     from .dist import setup
-    from .evaluate import evaluate, format_table, skimage_photo, write_report
+    from .evaluate import evaluate, format_table, write_report
     from .stage1 import Stage1
     from .stage2 import Stage2
     from .vae import VaeStage
@@ -261,13 +338,19 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     prepare_photos(plan)
     t0 = time.monotonic()
     stages = {}
+    gate = None
     for cls, cfg in ((VaeStage, plan.vae), (Stage1, plan.stage1), (Stage2, plan.stage2)):
         if cls is VaeStage and plan.demo.vae_checkpoint:
             log.info("demo: vae from %s", plan.demo.vae_checkpoint)
             stages[cls.name] = {"reused_from": plan.demo.vae_checkpoint}
-            continue
-        log.info("demo: %s", cls.name)
-        stages[cls.name] = _run_stage(cls, cfg, info)
+        else:
+            log.info("demo: %s", cls.name)
+            stages[cls.name] = _run_stage(cls, cfg, info)
+        if cls is VaeStage:
+            gate = vae_gate(plan, plan.stage2.vae)
+            if until == "vae":
+                return {"out": None, "stages": stages, "gate": gate, "table": gate_table(gate),
+                        "train_minutes": (time.monotonic() - t0) / 60}
     train_minutes = (time.monotonic() - t0) / 60
 
     from ..models import load_checkpoint
@@ -282,8 +365,7 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
     save_checkpoint(model, out, dtype=dtype)
 
     t1 = time.monotonic()
-    photos = {name: skimage_photo(name) for name in plan.demo.heldout_photos}
-    photos.update({photo_name(f): load_rgb(plan.heldout_dir / f"{photo_name(f)}.png") for f in plan.demo.heldout_files})
+    photos = heldout_photos(plan)
     log.info("demo: evaluating on the held-out photos %s", ", ".join(photos))
     report = evaluate(out, photos, plan.eval, out_dir=plan.work / "eval")
     eval_minutes = (time.monotonic() - t1) / 60
@@ -293,6 +375,7 @@ def run_demo(config_path: str | Path, out: str | Path, command: str = "", restar
         "config_file": str(plan.path),
         "config_toml": Path(plan.path).read_text(),
         "stages": stages,
+        "vae_gate": gate,
         "train_minutes": round(train_minutes, 2),
         "eval_minutes": round(eval_minutes, 2),
         "train_photos": plan.demo.train_photos,

@@ -30,7 +30,7 @@ from ..degradations import degrade_level
 from ..metrics import psnr, ssim
 from .config import EvalConfig
 
-__all__ = ["evaluate", "skimage_photo", "format_table", "degradation_retrieval"]
+__all__ = ["evaluate", "vae_bound", "skimage_photo", "format_table", "degradation_retrieval"]
 
 METHODS = ("bicubic", "model", "model_eta0", "model_paper_sampler", "model_no_noise_guidance", "model_no_color_fix",
            "no_model", "vae")
@@ -143,13 +143,8 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
                     out_dir: str | Path | None) -> dict[str, Any]:
     from PIL import Image
 
-    from ..runtime.imageops import bicubic_upscale
-
-    scale = pipe.config.upscale
-    hr = prepare_hr(photo, cfg.max_side, scale)
-    lr8 = low_resolution(hr, level, scale, np.random.Generator(np.random.PCG64([cfg.seed, index])))
+    hr, lr8, upscaled = heldout_inputs(photo, level, index, cfg, pipe.config.upscale)
     t0 = time.monotonic()
-    upscaled = bicubic_upscale(lr8.astype(np.float32) / 255.0, scale)
     results = {
         "bicubic": np.round(np.clip(upscaled, 0, 1) * 255).astype(np.uint8),
         "model": pipe(lr8, seed=cfg.seed, steps=cfg.steps),
@@ -176,6 +171,36 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
         for method, img in results.items():
             Image.fromarray(img).save(folder / f"{name}_{level}_{method}.png")
     return row
+
+
+def heldout_inputs(photo: np.ndarray, level: str, index: int, cfg: EvalConfig, scale: int):
+    """A held-out photo's HR crop, its uint8 LR at `level` (generator seeded by (seed, index))
+    and the LR's bicubic x4 in [0, 1], as every evaluation sees them."""
+    from ..runtime.imageops import bicubic_upscale
+
+    hr = prepare_hr(photo, cfg.max_side, scale)
+    lr8 = low_resolution(hr, level, scale, np.random.Generator(np.random.PCG64([cfg.seed, index])))
+    return hr, lr8, bicubic_upscale(lr8.astype(np.float32) / 255.0, scale)
+
+
+def vae_bound(pipe, photos: dict[str, np.ndarray], cfg: EvalConfig, fix: str) -> dict[str, Any]:
+    """What a VAE allows before any diffusion training: per held-out photo, PSNR / SSIM on Y of
+    bicubic and of the VAE's colour-fixed reconstruction of the HR photo (the bound), under the
+    first of cfg.levels; with the means and the margin bound - bicubic (dB)."""
+    level = cfg.levels[0]
+    rows = []
+    for index, (name, photo) in enumerate(photos.items()):
+        hr, lr8, upscaled = heldout_inputs(photo, level, index, cfg, pipe.config.upscale)
+        bicubic = np.round(np.clip(upscaled, 0, 1) * 255).astype(np.uint8)
+        row = {"photo": name}
+        for method, img in (("bicubic", bicubic), ("vae", vae_reconstruction(pipe, hr, upscaled, fix))):
+            row[method] = {"psnr": round(psnr(img, hr, crop_border=cfg.crop_border), 3),
+                           "ssim": round(ssim(img, hr, crop_border=cfg.crop_border), 4)}
+        rows.append(row)
+    mean = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in ("psnr", "ssim")}
+            for m in ("bicubic", "vae")}
+    return {"level": level, "color_fix": fix, "photos": rows, "mean": mean,
+            "margin_db": round(mean["vae"]["psnr"] - mean["bicubic"]["psnr"], 3)}
 
 
 def vae_reconstruction(pipe, hr: np.ndarray, reference: np.ndarray | None = None, fix: str = "none") -> np.ndarray:
