@@ -489,6 +489,47 @@ def test_stage2_max_timestep_trains_only_the_low_noise_levels(components, photo_
     assert seen[100].max() < 100 and seen[0].max() >= 100  # 64 draws from 0..999: one is >= 100
 
 
+@pytest.mark.parametrize("fraction,gamma", [(0.0, 0.0), (1.0, 0.0), (1.0, 5.0), (0.5, 5.0)])
+def test_stage2_lr_anchored_x_t_keeps_the_hr_target(components, photo_dir, tmp_path, fraction, gamma):
+    """x_t is made around z0 (Eq. 9) or, for lr_anchor_fraction of the batch, around z_lr as the
+    noise-guided sampler leaves it; either way the epsilon target is the one whose x0 is the HR
+    latent: a denoiser that knows z0 scores 0, one that returns the drawn noise does not."""
+    from deedsr.train.stage2 import Stage2
+
+    for bad in (dict(lr_anchor_fraction=1.5), dict(min_snr_gamma=-1.0)):
+        with pytest.raises(ConfigError, match=r"^test\.(lr_anchor_fraction|min_snr_gamma): must be"):
+            stage2_cfg(photo_dir, tmp_path / "bad", components, **bad)
+    cfg = stage2_cfg(photo_dir, tmp_path / "s", components, max_timestep=100, sample_posterior=False,
+                     lr_anchor_fraction=fraction, min_snr_gamma=gamma)
+    stage = Stage2(cfg, tdist.DistInfo())
+    stage.build()
+    ds = stage.dataset(list_images(stage.cfg.data, stage.cfg.data.gt_size))
+    batch = {k: torch.from_numpy(np.stack([ds[(0, i)][k] for i in range(8)])) for k in ("hr", "lr", "lr_up")}
+    with torch.no_grad():
+        z0 = stage.model.vae.encode(batch["hr"] * 2 - 1).latent_dist.mean * stage.model.scaling_factor
+    # the loss's draws, replayed: t, the noise, then which samples are anchored at z_lr
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 100, (8,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    anchored = (torch.rand(8, generator=g) < fraction) if fraction else torch.zeros(8, dtype=torch.bool)
+    a = stage.abar[t].view(-1, 1, 1, 1)
+    seen = {}
+
+    def denoiser(answer):
+        def denoise(x_t, t_, z_lr, d):
+            anchor = torch.where(anchored.view(-1, 1, 1, 1), z_lr, z0)
+            seen["x_t"] = (x_t, a.sqrt() * anchor + (1 - a).sqrt() * noise)
+            return noise if answer == "noise" else (x_t - a.sqrt() * z0) / (1 - a).sqrt()
+        return denoise
+
+    stage.denoiser = denoiser("hr")
+    assert float(stage.loss(batch, torch.Generator().manual_seed(1))) < 1e-6
+    torch.testing.assert_close(*seen["x_t"])
+    stage.denoiser = denoiser("noise")
+    loss = float(stage.loss(batch, torch.Generator().manual_seed(1)))
+    assert (loss > 1e-4) if anchored.any() else (loss < 1e-6)
+
+
 def test_gradient_checkpointing_changes_nothing(tiny_model):
     from deedsr.train.stage2 import Denoiser
 

@@ -123,6 +123,13 @@ class Stage2Config(_RunConfig):
     # Train on timesteps t ~ U[0, max_timestep) only; 0 = all of the schedule's (the paper). A
     # small model whose sampler is noise-guided down to a late step only ever denoises from there.
     max_timestep: int = 0
+    # Share of each batch whose x_t is made around z_lr, as a noise-guided sampler makes it
+    # (x_t = sqrt(abar) z_lr + sqrt(1 - abar) noise), the target still the HR latent: its
+    # epsilon target is (x_t - sqrt(abar) z0) / sqrt(1 - abar). 0 = Eq. 9 alone (the paper).
+    lr_anchor_fraction: float = 0.0
+    # Min-SNR weighting of the epsilon loss, min(SNR, gamma) / SNR (Hang et al. 2023): the same as
+    # an x0 loss weighted min(SNR, gamma); 0 = unweighted (the paper).
+    min_snr_gamma: float = 0.0
     train_backbone: bool = False  # also train the UNet backbone (models with no SD prior)
     val_every: int = 0  # validation samples every N steps; 0 = only at the end if val_images
     val_images: list[str] = field(default_factory=list)  # HR images, degraded at val_level
@@ -358,7 +365,10 @@ def _validate(cfg, where: str) -> None:
         if not 0.0 <= cfg.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in [0, 1), got {cfg.ema_decay}")
         _positive(cfg, where, "val_steps", "val_size")
-        _positive(cfg, where, "val_every", "warmup_steps", "grad_clip", "weight_decay", "max_timestep", allow_zero=True)
+        _positive(cfg, where, "val_every", "warmup_steps", "grad_clip", "weight_decay", "max_timestep", "min_snr_gamma",
+                  allow_zero=True)
+        if not 0.0 <= cfg.lr_anchor_fraction <= 1.0:
+            raise ConfigError(f"{where}.lr_anchor_fraction: must be in [0, 1], got {cfg.lr_anchor_fraction}")
         from ..degradations import LEVELS
 
         if cfg.val_level not in LEVELS:

@@ -188,10 +188,22 @@ class Stage2(Stage):
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=generator.device).to(self.device)
         noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(self.device)
         a = self.abar[t].view(b, 1, 1, 1)
-        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        target = noise
+        if cfg.lr_anchor_fraction > 0:
+            anchored = (torch.rand(b, generator=generator, device=generator.device) < cfg.lr_anchor_fraction)
+            anchored = anchored.to(self.device).view(b, 1, 1, 1)
+            # x_t where the noise-guided steps leave it; epsilon is what takes it to the HR latent
+            target = torch.where(anchored, noise + (a / (1 - a)).sqrt() * (z_lr - z0), noise)
+            x_t = a.sqrt() * torch.where(anchored, z_lr, z0) + (1 - a).sqrt() * noise
+        else:
+            x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with autocast(self.device, cfg.mixed_precision):
             eps = self.denoiser(x_t, t.float(), z_lr, d)
-        return F.mse_loss(eps.float(), noise)
+        if cfg.min_snr_gamma > 0:
+            snr = a / (1 - a)
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+            return (weight * (eps.float() - target) ** 2).mean()
+        return F.mse_loss(eps.float(), target)
 
     def lr_latent(self, lr_up: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """z_lr of the bicubic x4 LR in [0, 1] as the sampler makes it under the training profile."""
