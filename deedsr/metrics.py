@@ -15,7 +15,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["psnr", "rgb_to_y", "ssim"]
+__all__ = ["psnr", "rgb_to_y", "ssim", "flat_region_ratio"]
 
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966])
 _SSIM_SIGMA = 1.5
@@ -105,3 +105,24 @@ def ssim(a: np.ndarray, b: np.ndarray, *, y_channel: bool = True, crop_border: i
     if a.ndim == 2:
         return _ssim_2d(a, b)
     return float(np.mean([_ssim_2d(a[..., c], b[..., c]) for c in range(a.shape[2])]))
+
+
+def flat_region_ratio(img: np.ndarray, ref: np.ndarray, block: int = 16, share: float = 0.25,
+                      sigma: float = 2.0, crop_border: int = 0) -> float:
+    """Mottle where there should be none: the high-pass energy (Y minus its Gaussian blur of
+    `sigma`) of `img` over the `share` of `block` x `block` blocks in which `ref` has the least of
+    it, divided by `ref`'s own there. 1 means as smooth as the reference; grain or blotches in
+    flat areas raise it."""
+    a, b = _prepare(img, ref, True, crop_border)
+    energy = []
+    for y in (a, b):
+        high = y - ndimage.gaussian_filter(y, sigma, mode="reflect")
+        h, w = high.shape[0] // block * block, high.shape[1] // block * block
+        if not h or not w:
+            raise ValueError(f"images of {a.shape[1]}x{a.shape[0]} hold no {block}x{block} block")
+        blocks = (high[:h, :w] ** 2).reshape(h // block, block, w // block, block).sum(axis=(1, 3)).ravel()
+        energy.append(blocks)
+    flat = np.argsort(energy[1], kind="stable")[: max(1, int(len(energy[1]) * share))]
+    ref_energy = float(energy[1][flat].sum())
+    return float(energy[0][flat].sum()) / max(ref_energy, 1e-12)
+

@@ -90,3 +90,19 @@ def test_bad_arguments(pair):
         ssim(a[:8, :8], b[:8, :8])
     with pytest.raises(TypeError):
         psnr(a.astype(np.int32), b.astype(np.int32))
+
+
+def test_flat_region_ratio_sees_mottle_in_flat_areas():
+    from scipy import ndimage
+
+    from deedsr.metrics import flat_region_ratio
+
+    hr = data.astronaut()[:256, :256]
+    assert flat_region_ratio(hr, hr) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    mottled = np.clip(hr + rng.normal(0, 4, hr.shape), 0, 255).astype(np.uint8)
+    blurred = ndimage.gaussian_filter(hr.astype(float), (2, 2, 0)).round().astype(np.uint8)
+    assert flat_region_ratio(mottled, hr) > 1.5  # grain of 4 grey levels over the smooth background
+    assert flat_region_ratio(blurred, hr) < 1.0
+    with pytest.raises(ValueError, match="no 16x16 block"):
+        flat_region_ratio(hr[:8, :8], hr[:8, :8])

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..degradations import degrade_level
-from ..metrics import psnr, ssim
+from ..metrics import flat_region_ratio, psnr, ssim
 from .config import EvalConfig
 
 __all__ = ["evaluate", "vae_bound", "skimage_photo", "format_table", "degradation_retrieval"]
@@ -42,6 +42,16 @@ LABELS = {"bicubic": "bicubic", "model": "demo model", "model_eta0": "demo model
           "vae": "VAE reconstruction of the HR photo, colour-fixed like the model (the bound)"}
 # Downscalings besides the paper's Table 6 levels.
 PLAIN_LEVELS = {"bicubic": "plain bicubic x4 downscaling (Pillow, antialiased)"}
+
+
+SCORES = ("psnr", "ssim", "flat")
+
+
+def scores(img: np.ndarray, hr: np.ndarray, crop_border: int) -> dict[str, float]:
+    """PSNR and SSIM on Y, and the flat-region high-pass ratio (deedsr.metrics.flat_region_ratio)."""
+    return {"psnr": round(psnr(img, hr, crop_border=crop_border), 3),
+            "ssim": round(ssim(img, hr, crop_border=crop_border), 4),
+            "flat": round(flat_region_ratio(img, hr, crop_border=crop_border), 3)}
 
 
 def level_label(level: str) -> str:
@@ -115,7 +125,7 @@ def evaluate(model, photos: dict[str, np.ndarray], cfg: EvalConfig, out_dir: str
         rows = [_evaluate_photo(pipe, name, photo, level, i, cfg, first=k == 0, out_dir=out_dir)
                 for i, (name, photo) in enumerate(photos.items())]
         methods = [m for m in METHODS if m in rows[0]]
-        mean = {m: {key: round(float(np.mean([r[m][key] for r in rows])), 4) for key in ("psnr", "ssim")} for m in methods}
+        mean = {m: {key: round(float(np.mean([r[m][key] for r in rows])), 4) for key in SCORES} for m in methods}
         levels[level] = {"photos": rows, "mean": mean}
     learner = model.learner.eval()
     param = next(learner.parameters())
@@ -162,8 +172,7 @@ def _evaluate_photo(pipe, name: str, photo: np.ndarray, level: str, index: int, 
     row: dict[str, Any] = {"photo": name, "hr_size": [int(hr.shape[1]), int(hr.shape[0])],
                            "lr_size": [int(lr8.shape[1]), int(lr8.shape[0])], "seconds": round(time.monotonic() - t0, 1)}
     for method, img in results.items():
-        row[method] = {"psnr": round(psnr(img, hr, crop_border=cfg.crop_border), 3),
-                       "ssim": round(ssim(img, hr, crop_border=cfg.crop_border), 4)}
+        row[method] = scores(img, hr, cfg.crop_border)
     if out_dir is not None:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -194,11 +203,9 @@ def vae_bound(pipe, photos: dict[str, np.ndarray], cfg: EvalConfig, fix: str) ->
         bicubic = np.round(np.clip(upscaled, 0, 1) * 255).astype(np.uint8)
         row = {"photo": name}
         for method, img in (("bicubic", bicubic), ("vae", vae_reconstruction(pipe, hr, upscaled, fix))):
-            row[method] = {"psnr": round(psnr(img, hr, crop_border=cfg.crop_border), 3),
-                           "ssim": round(ssim(img, hr, crop_border=cfg.crop_border), 4)}
+            row[method] = scores(img, hr, cfg.crop_border)
         rows.append(row)
-    mean = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in ("psnr", "ssim")}
-            for m in ("bicubic", "vae")}
+    mean = {m: {k: round(float(np.mean([r[m][k] for r in rows])), 4) for k in SCORES} for m in ("bicubic", "vae")}
     return {"level": level, "color_fix": fix, "photos": rows, "mean": mean,
             "margin_db": round(mean["vae"]["psnr"] - mean["bicubic"]["psnr"], 3)}
 
@@ -235,6 +242,15 @@ def format_table(report: dict[str, Any]) -> str:
             mean = result["mean"][m]
             lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | **{mean['psnr']:.2f} / {mean['ssim']:.3f}** |")
         lines.append("")
+        flat = [m for m in METHODS if m in result["mean"] and "flat" in result["mean"][m]]
+        if flat:
+            lines += ["Flat-region high-pass energy against the HR photo's (the quarter of 16x16 blocks where the HR "
+                      "is flattest; 1 = as smooth as the HR, mottle raises it):", "",
+                      "| method | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
+            for m in flat:
+                cells = [f"{r[m]['flat']:.2f}" for r in result["photos"]]
+                lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | **{result['mean'][m]['flat']:.2f}** |")
+            lines.append("")
     probe = report.get("learner_degradation_retrieval")
     if probe:
         lines.append(f"Degradation learner, cross-photo degradation retrieval: {probe['accuracy']:.3f} "
