@@ -205,6 +205,42 @@ def test_demo_refuses_a_missing_vae_checkpoint_before_any_work(tmp_path):
     assert "\n" not in str(e.value) and not work.exists()
 
 
+def test_demo_latent_gate_and_a_stage_over_several_runs(tmp_path):
+    """The demo's latent fields make the model (written to the work folder), its VAE is scored
+    against bicubic before stage I / II (and stops the run below demo.vae_gate_db), and a stage
+    stopped at max_minutes continues in the next run, each run logged."""
+    from deedsr.train.demo import GateFailed, load_demo, run_demo
+
+    work = tmp_path / "work"
+    text = (f"[demo]\nwork_dir = '{work}'\ntrain_photos = ['coffee', 'camera']\nheldout_photos = ['chelsea']\n"
+            "latent_downscale = 4\nlatent_channels = 8\n"
+            "[vae]\nbatch_size = 2\nmax_steps = 3\nmax_minutes = 0.0001\nthreads = 1\nprogress = false\n"
+            "scaling_samples = 2\n[vae.data]\ngt_size = 32\nnum_workers = 0\n[eval]\nmax_side = 64\n")
+    for bad, message in (("latent_downscale = 4", "latent_downscale = 6"), ("latent_channels = 8", "latent_channels = 99")):
+        with pytest.raises(ConfigError, match=r"demo.latent_(downscale|channels): must be"):
+            load_demo(_write(tmp_path, text.replace(bad, message)))
+    path = _write(tmp_path, text)
+    plan = load_demo(path)
+    model = json.loads((work / "model.json").read_text())
+    assert plan.vae.model == plan.stage2.model == str(work / "model.json")
+    assert (model["vae"]["latent_channels"], len(model["vae"]["block_out_channels"]), model["unet"]["in_channels"]) \
+        == (8, 3, 8)
+    for run in (1, 2):  # max_minutes stops each run after its first step
+        result = run_demo(path, tmp_path / "out", until="vae")
+        assert result["out"] is None and not (tmp_path / "out").exists()
+        assert result["stages"]["vae"]["steps"] == run
+    logged = [json.loads(line) for line in (work / "runs.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["from_step"], r["to_step"], r["planned_steps"]) for r in logged] == \
+        [("vae", 0, 1, 3), ("vae", 1, 2, 3)]
+    gate = json.loads((work / "vae_gate.json").read_text())
+    assert gate["latent"] == {"channels": 8, "downscale": 4} and gate["photos"][0]["photo"] == "chelsea"
+    assert gate["margin_db"] == pytest.approx(gate["mean"]["vae"]["psnr"] - gate["mean"]["bicubic"]["psnr"], abs=1e-3)
+    with pytest.raises(GateFailed, match=r"scores .* dB on the held-out photos \(medium\), .* asks for \+40 dB"):
+        run_demo(_write(tmp_path, text.replace("latent_channels = 8", "latent_channels = 8\nvae_gate_db = 40.0")),
+                 tmp_path / "out")
+    assert not (work / "stage1").exists()
+
+
 def test_demo_photo_files_are_named_resized_and_checked(tmp_path):
     from PIL import Image
 

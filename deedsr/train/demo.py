@@ -198,10 +198,38 @@ def _run_stage(stage_cls, cfg, info) -> dict[str, Any]:
                  done["total"])
         (out / "done.json").unlink()
     t0 = time.monotonic()
+    started = _checkpoint_step(out) if resume else 0
     run(stage_cls(cfg, info), resume=resume)
     done = json.loads((out / "done.json").read_text())
+    _log_run(out.parent, {"stage": stage_cls.name, "from_step": started, "to_step": done["step"],
+                          "planned_steps": done["total"], "minutes": round((time.monotonic() - t0) / 60, 1)})
     return {"steps": done["step"], "planned_steps": done["total"], "minutes": round((time.monotonic() - t0) / 60, 2),
             "resumed": resume}
+
+
+def _checkpoint_step(out_dir: Path) -> int:
+    try:
+        return json.loads((out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text().strip()
+                           / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _log_run(work: Path, entry: dict[str, Any]) -> None:
+    """One line per stage run in <work_dir>/runs.jsonl (EVAL.md lists them): training that spans
+    several runs says what each run did."""
+    import datetime
+
+    entry = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **entry}
+    with open(work / "runs.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def run_log(work: Path) -> list[dict[str, Any]]:
+    path = work / "runs.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def stage_history(out_dir: Path) -> dict[str, Any]:
@@ -235,6 +263,17 @@ def eval_markdown(plan: DemoPlan, command: str, provenance: dict[str, Any], repo
                 f"at step {st['loss_last'][0]}") if "loss_first" in st else ""
         minutes = st.get("wall_minutes", st.get("minutes", "?"))
         stage_lines.append(f"- {name}: {st['steps']} of {st['planned_steps']} planned steps, {minutes} min{loss}")
+    runs = [f"- {r['date']}: {r['stage']} steps {r['from_step']} -> {r['to_step']} of {r['planned_steps']}, "
+            f"{r['minutes']} min" for r in run_log(plan.work)]
+    if runs:
+        stage_lines += ["", "Runs (one line per stage run; a stage stopped at max_minutes continues in the next):", "",
+                        *runs]
+    gate = provenance.get("vae_gate")
+    if gate:
+        stage_lines += ["", f"VAE gate before stage I / II ({gate['level']}, the held-out photos): the VAE's "
+                        f"colour-fixed reconstruction {gate['mean']['vae']['psnr']:.2f} dB against bicubic "
+                        f"{gate['mean']['bicubic']['psnr']:.2f} ({gate['margin_db']:+.2f} dB; asked "
+                        f"+{gate['gate_db']:g}).", "", gate_table(gate)]
     files = [f"{photo_name(f)} (`{f}`)" for f in demo.photo_files]
     heldout_files = [f"{photo_name(f)} (`{f}`)" for f in demo.heldout_files]
     return (
